@@ -1,0 +1,275 @@
+"""``ferry.spark.Convolve``: exact convolution of a DataFrame series, in-process on PySpark."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pyspark import keyword_only
+from pyspark.ml import Transformer
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.sql import DataFrame, functions as F, types as T
+
+from ferry.arrow import column_numpy, complex_from_columns
+from ferry.errors import InputError, InvalidParamsError, SchemaError
+from ferry.spark.halo_plan import Run, check_coverage, halos, runs_of
+from ferry.stages.convolve import MODES, StreamConvolver
+
+#: A partition with more runs than this is not laid out contiguously (e.g. after repartition(n));
+#: the data is then re-laid out by id range before computing.
+MAX_RUNS_PER_PARTITION = 1024
+
+_PLAN_SCHEMA = T.StructType([
+    T.StructField("partition", T.IntegerType()),
+    T.StructField("index", T.IntegerType()),
+    T.StructField("start", T.LongType()),
+    T.StructField("length", T.LongType()),
+    T.StructField("head_real", T.ArrayType(T.DoubleType())),
+    T.StructField("head_imag", T.ArrayType(T.DoubleType())),
+    T.StructField("tail_real", T.ArrayType(T.DoubleType())),
+    T.StructField("tail_imag", T.ArrayType(T.DoubleType())),
+    T.StructField("problem", T.StringType()),
+])
+
+
+class Convolve(Transformer, DefaultParamsReadable, DefaultParamsWritable):
+    """numpy.convolve over the whole series held in a DataFrame, however it is partitioned.
+
+    The input has one row per sample: an id column (the sample index, a dense range 0..N-1) and
+    real and imaginary parts. The output has one row per output sample of
+    ``numpy.convolve(x, kernel, mode)`` with the same three column names; other input columns
+    are not carried over (rows do not correspond one to one in the "full" and "valid" modes).
+
+    Examples
+    --------
+    >>> from ferry.spark import Convolve
+    >>> conv = Convolve(kernelReal=[0.25, 0.5, 0.25], mode="same")
+    >>> conv.getMode()
+    'same'
+    """
+
+    idCol = Param(Params._dummy(), "idCol", "sample index column (long), a dense range 0..N-1",
+                  typeConverter=TypeConverters.toString)
+    realCol = Param(Params._dummy(), "realCol", "real part column (double)", typeConverter=TypeConverters.toString)
+    imagCol = Param(Params._dummy(), "imagCol", "imaginary part column (double); empty for a real series",
+                    typeConverter=TypeConverters.toString)
+    kernelReal = Param(Params._dummy(), "kernelReal", "real parts of the kernel taps (at least one)",
+                       typeConverter=TypeConverters.toListFloat)
+    kernelImag = Param(Params._dummy(), "kernelImag", "imaginary parts of the taps; empty for a real kernel",
+                       typeConverter=TypeConverters.toListFloat)
+    mode = Param(Params._dummy(), "mode", "numpy.convolve mode: full, same (default) or valid",
+                 typeConverter=TypeConverters.toString)
+
+    @keyword_only
+    def __init__(self, *, idCol="id", realCol="real", imagCol="imag", kernelReal=None, kernelImag=None, mode="same"):
+        super().__init__()
+        self._setDefault(idCol="id", realCol="real", imagCol="imag", kernelImag=[], mode="same")
+        self.setParams(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, idCol="id", realCol="real", imagCol="imag", kernelReal=None, kernelImag=None, mode="same"):
+        return self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None})
+
+    def setIdCol(self, value): return self._set(idCol=value)
+    def setRealCol(self, value): return self._set(realCol=value)
+    def setImagCol(self, value): return self._set(imagCol=value)
+    def setKernelReal(self, value): return self._set(kernelReal=value)
+    def setKernelImag(self, value): return self._set(kernelImag=value)
+    def setMode(self, value): return self._set(mode=value)
+    def getIdCol(self): return self.getOrDefault(self.idCol)
+    def getRealCol(self): return self.getOrDefault(self.realCol)
+    def getImagCol(self): return self.getOrDefault(self.imagCol)
+    def getKernelReal(self): return self.getOrDefault(self.kernelReal)
+    def getKernelImag(self): return self.getOrDefault(self.kernelImag)
+    def getMode(self): return self.getOrDefault(self.mode)
+
+    def kernel(self) -> np.ndarray:
+        """The kernel as complex128, after checking the params."""
+        if not self.isDefined(self.kernelReal) or not self.getKernelReal():
+            raise InvalidParamsError("Convolve needs kernelReal with at least one tap: setKernelReal([...])")
+        real, imag = self.getKernelReal(), self.getKernelImag()
+        if imag and len(imag) != len(real):
+            raise InvalidParamsError(f"kernelImag has {len(imag)} taps but kernelReal has {len(real)}; give both "
+                                     "parts for every tap, or leave kernelImag empty for a real kernel")
+        if self.getMode() not in MODES:
+            raise InvalidParamsError(f"mode must be one of {', '.join(MODES)}, got {self.getMode()!r}")
+        return complex_from_columns(np.asarray(real, np.float64), np.asarray(imag, np.float64) if imag else None)
+
+    def outputSchema(self, schema: T.StructType) -> T.StructType:
+        """Checks the input schema and params; the output schema (raised on the driver, before any job)."""
+        self.kernel()
+        numeric = (T.DoubleType, T.FloatType)
+        wanted = [(self.getIdCol(), (T.LongType, T.IntegerType), "long")]
+        wanted += [(self.getRealCol(), numeric, "double")]
+        if self.getImagCol():
+            wanted += [(self.getImagCol(), numeric, "double")]
+        for name, types, label in wanted:
+            if name not in schema.names:
+                raise SchemaError(f"Convolve needs a column {name!r} ({label}); the DataFrame has {schema.names}")
+            found = schema[name].dataType
+            if not isinstance(found, types):
+                raise SchemaError(f"Convolve: column {name!r} must be {label}, found {found.simpleString()}; "
+                                  "cast it first")
+        return T.StructType([T.StructField(self.getIdCol(), T.LongType(), False),
+                             T.StructField(self.getRealCol(), T.DoubleType(), False),
+                             T.StructField(self.getImagCol() or "imag", T.DoubleType(), False)])
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        out_schema = self.outputSchema(dataset.schema)
+        if dataset.isStreaming:
+            raise InputError("Convolve needs the whole series, so it cannot run on a streaming DataFrame; "
+                             "convolve each micro-batch with foreachBatch, or collect the series first")
+        kernel, mode = self.kernel(), self.getMode()
+        imag = F.col(self.getImagCol()).cast("double") if self.getImagCol() else F.lit(0.0)
+        series = dataset.select(F.col(self.getIdCol()).cast("long").alias("id"),
+                                F.col(self.getRealCol()).cast("double").alias("real"), imag.alias("imag"))
+        runs = _plan(series, kernel.size)
+        if runs is None:
+            # Not laid out contiguously: lay it out by id range once and keep that layout.
+            series = series.repartitionByRange(max(series.rdd.getNumPartitions(), 1), "id") \
+                           .sortWithinPartitions("id").localCheckpoint(eager=True)
+            runs = _plan(series, kernel.size)
+        n = check_coverage(runs)
+        spark = dataset.sparkSession
+        if n == 0:
+            return spark.createDataFrame([], out_schema)
+        halo_map = halos(runs, n, kernel.size, mode)
+        plan = {}
+        for r in runs:
+            plan.setdefault(r.partition, []).append((r.start, r.length, *halo_map[(r.partition, r.index)]))
+        plan_bc = spark.sparkContext.broadcast(plan)
+        names = out_schema.names
+
+        def compute(batches):
+            from pyspark import TaskContext
+            yield from _compute_partition(TaskContext.get().partitionId(), plan_bc.value, batches, kernel, mode, n,
+                                          names)
+
+        arrow_schema = T.StructType([T.StructField(name, f.dataType, False) for name, f in zip(names, out_schema)])
+        return series.mapInArrow(compute, arrow_schema)
+
+
+def _plan(series: DataFrame, taps: int) -> list[Run] | None:
+    """The runs of every partition (None when some partition is too fragmented); raises on nulls."""
+    keep = taps - 1
+
+    def plan(batches):
+        from pyspark import TaskContext
+        part = TaskContext.get().partitionId()
+        runs: list[list] = []   # [start, length, head list, tail array]
+        for b in batches:
+            for name in ("id", "real", "imag"):
+                col = b.column(name)
+                if col.null_count:
+                    row = int(np.flatnonzero(~np.asarray(col.is_valid()))[0])
+                    sid = b.column("id")[row].as_py()
+                    where = f"at id {sid}" if sid is not None else f"in partition {part}"
+                    yield _problem(part, f"column {name!r} holds null values (the first {where}); drop or fill them")
+                    return
+            ids = b.column("id").to_numpy()
+            x = complex_from_columns(b.column("real").to_numpy(), b.column("imag").to_numpy())
+            starts, ends = runs_of(ids)
+            for k, (a, e) in enumerate(zip(starts, ends)):
+                if k == 0 and runs and runs[-1][0] + runs[-1][1] == ids[a]:
+                    r = runs[-1]            # this batch continues the previous run
+                else:
+                    r = [int(ids[a]), 0, [], x[:0]]
+                    runs.append(r)
+                    if len(runs) > MAX_RUNS_PER_PARTITION:
+                        yield _problem(part, "fragmented")
+                        return
+                seg = x[a:e]
+                if len(r[2]) < keep:
+                    r[2].extend(seg[:keep - len(r[2])])
+                r[3] = np.concatenate((r[3], seg))[-keep:] if keep else seg[:0]
+                r[1] += int(e - a)
+        for i, (start, length, head, tail) in enumerate(runs):
+            head = np.asarray(head, np.complex128)
+            yield pa.RecordBatch.from_pylist([{
+                "partition": part, "index": i, "start": start, "length": length,
+                "head_real": head.real.tolist(), "head_imag": head.imag.tolist(),
+                "tail_real": tail.real.tolist(), "tail_imag": tail.imag.tolist(), "problem": None}],
+                schema=_PLAN_ARROW)
+
+    rows = series.mapInArrow(plan, _PLAN_SCHEMA).collect()
+    runs = []
+    for row in rows:
+        if row.problem == "fragmented":
+            return None
+        if row.problem:
+            raise InputError(f"Convolve: {row.problem}")
+        runs.append(Run(row.partition, row.index, row.start, row.length,
+                        complex_from_columns(np.asarray(row.head_real), np.asarray(row.head_imag)),
+                        complex_from_columns(np.asarray(row.tail_real), np.asarray(row.tail_imag))))
+    return runs
+
+
+_PLAN_ARROW = pa.schema([("partition", pa.int32()), ("index", pa.int32()), ("start", pa.int64()),
+                         ("length", pa.int64()), ("head_real", pa.list_(pa.float64())),
+                         ("head_imag", pa.list_(pa.float64())), ("tail_real", pa.list_(pa.float64())),
+                         ("tail_imag", pa.list_(pa.float64())), ("problem", pa.string())])
+
+
+def _problem(part: int, text: str) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([{"partition": part, "index": -1, "start": 0, "length": 0, "head_real": [],
+                                        "head_imag": [], "tail_real": [], "tail_imag": [], "problem": text}],
+                                      schema=_PLAN_ARROW)
+
+
+def _compute_partition(part, plan, batches, kernel, mode, n, names):
+    """Feeds one partition's runs, each between its halos, through one StreamConvolver."""
+    runs = plan.get(part, [])
+    conv = StreamConvolver(kernel, mode, n)
+    out_schema = pa.schema([(names[0], pa.int64(), False), (names[1], pa.float64(), False),
+                            (names[2], pa.float64(), False)])
+    run_i, pos = -1, 0          # current run, and rows of it seen so far
+    for b in batches:
+        ids = column_numpy(b, "id", np.int64)
+        x = complex_from_columns(column_numpy(b, "real"), column_numpy(b, "imag"))
+        out_ids, out_vals = [], []
+
+        def emit(i, v):
+            out_ids.append(i)
+            out_vals.append(v)
+
+        at = 0
+        while at < ids.size:
+            if run_i < 0 or pos == runs[run_i][1]:
+                if run_i >= 0:
+                    start, length, _, right = runs[run_i]
+                    emit(*conv.feed(np.arange(start + length, start + length + right.size), right,
+                                    np.ones(right.size, bool)))
+                run_i, pos = run_i + 1, 0
+                if run_i >= len(runs):
+                    raise InputError("The input changed between the planning and the computing pass "
+                                     f"(partition {part} has more rows than planned); cache or checkpoint it")
+                start, length, left, _ = runs[run_i]
+                emit(*conv.feed(np.arange(start - left.size, start), left, np.ones(left.size, bool)))
+            start, length = runs[run_i][0], runs[run_i][1]
+            take = min(length - pos, ids.size - at)
+            if ids[at] != start + pos or (take > 1 and ids[at + take - 1] != start + pos + take - 1):
+                raise InputError("The input changed between the planning and the computing pass (partition "
+                                 f"{part}: expected id {start + pos}, found {int(ids[at])}); cache or checkpoint it")
+            emit(*conv.feed(ids[at:at + take], x[at:at + take]))
+            pos += take
+            at += take
+        yield _out_batch(out_ids, out_vals, out_schema)
+    if run_i >= 0:
+        start, length, _, right = runs[run_i]
+        if pos != length or run_i != len(runs) - 1:
+            raise InputError("The input changed between the planning and the computing pass "
+                             f"(partition {part} has fewer rows than planned); cache or checkpoint it")
+        tail_ids, tail_vals = conv.feed(np.arange(start + length, start + length + right.size), right,
+                                        np.ones(right.size, bool))
+        yield _out_batch([tail_ids], [tail_vals], out_schema)
+    elif runs:
+        raise InputError(f"The input changed between the planning and the computing pass (partition {part} "
+                         "is empty but was planned with rows); cache or checkpoint it")
+    conv.finish()
+
+
+def _out_batch(ids, vals, schema):
+    ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    vals = np.concatenate(vals) if vals else np.empty(0, np.complex128)
+    vals = vals.astype(np.complex128, copy=False)
+    return pa.RecordBatch.from_arrays([pa.array(ids), pa.array(np.ascontiguousarray(vals.real)),
+                                       pa.array(np.ascontiguousarray(vals.imag))], schema=schema)

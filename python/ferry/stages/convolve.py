@@ -1,0 +1,320 @@
+"""Exact 1-D convolution with numpy.convolve semantics, computed block by block with halos.
+
+A series split into blocks of any sizes (in any number of partitions, streams and batches)
+gives the same samples as numpy.convolve over the whole series: every block is convolved
+together with the neighbouring samples it needs (its halo), so no term that crosses a block
+boundary is lost.
+
+Geometry, for a series of N samples and a kernel of L taps, with m = min(N, L):
+  output o is numpy's y[o] = sum_j k[j] * x[o + s - j]   (x = 0 outside 0..N-1)
+  s = 0 (full), (m - 1) // 2 (same), m - 1 (valid)
+  output length N+L-1 (full), max(N, L) (same), max(N, L) - m + 1 (valid)
+so output o reads the inputs o+s-L+1 .. o+s. The input sample a "owns" output a, and the last
+sample also owns the outputs past N; a block owning outputs [a, b) needs hl = L-1-s samples
+before it and hr = s after it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import scipy.signal
+
+from ferry.arrow import column_numpy, complex_from_columns
+from ferry.errors import InputError, InvalidParamsError
+from ferry.registry import Param, require_columns, stage
+
+MODES = ("full", "same", "valid")
+
+#: Above this many taps a block is convolved by FFT overlap-add (scipy.signal.oaconvolve),
+#: below it directly (numpy.convolve). Measured crossover: benchmarks/convolve (kernel sweep).
+DIRECT_MAX_TAPS = 48
+
+
+def geometry(n: int, taps: int, mode: str) -> tuple[int, int]:
+    """(s, output length) for a series of n samples and a kernel of taps taps."""
+    m = min(n, taps)
+    if mode == "full":
+        return 0, n + taps - 1
+    if mode == "same":
+        return (m - 1) // 2, max(n, taps)
+    if mode == "valid":
+        return m - 1, max(n, taps) - m + 1
+    raise InvalidParamsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def halo_sizes(n: int, taps: int, mode: str) -> tuple[int, int]:
+    """(samples needed before a block, samples needed after it)."""
+    s, _ = geometry(n, taps, mode)
+    return taps - 1 - s, s
+
+
+def _check_kernel(kernel) -> np.ndarray:
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 1:
+        raise ValueError(f"kernel must be 1-D, got an array of shape {kernel.shape}")
+    if kernel.size == 0:
+        raise ValueError("kernel cannot be empty: give at least one tap")
+    return kernel
+
+
+def _full_convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """numpy.convolve(x, kernel, 'full'), by FFT overlap-add when that is faster and exact enough."""
+    if (kernel.size > DIRECT_MAX_TAPS and x.size > DIRECT_MAX_TAPS
+            and x.dtype.kind in "fc" and kernel.dtype.kind in "fc"
+            and np.isfinite(x).all() and np.isfinite(kernel).all()):
+        # FFT spreads a NaN or inf over its whole block; numpy confines it to the outputs that
+        # read it, so non-finite blocks take the direct path below.
+        return scipy.signal.oaconvolve(x, kernel, mode="full").astype(np.result_type(x, kernel), copy=False)
+    return np.convolve(x, kernel, mode="full")
+
+
+class StreamConvolver:
+    """Convolves a series that arrives in blocks, possibly as several disjoint segments.
+
+    ``feed(ids, x, halo)`` takes samples with their ids; ids must increase by one within a
+    segment, and any other step starts a new segment. Rows flagged ``halo`` give context only.
+    It returns the (ids, values) of every owned output that became computable, in ascending
+    order. ``finish()`` checks that no owned output is left waiting for samples that never came.
+    """
+
+    def __init__(self, kernel, mode: str, length: int):
+        self.kernel = _check_kernel(kernel)
+        if length < 1:
+            raise InvalidParamsError(
+                f"length must be the number of samples in the whole series (>= 1), got {length}"
+            )
+        self.n = int(length)
+        self.taps = self.kernel.size
+        self.s, self.out_len = geometry(self.n, self.taps, mode)
+        self.mode = mode
+        self._ctx: np.ndarray | None = None  # samples of ids [_ctx_start, _ctx_start + len)
+        self._ctx_start = 0
+        self._next_out = 0   # next owned output to emit
+        self._own_end = 0    # end of the owned outputs known so far
+        self._owning = False
+        self._anchor_end = 0  # one past the last owned input id
+        self._dtype = None
+
+    @property
+    def _ctx_end(self) -> int:
+        return self._ctx_start + (0 if self._ctx is None else self._ctx.size)
+
+    def feed(self, ids: np.ndarray, x: np.ndarray, halo: np.ndarray | None = None):
+        ids = np.asarray(ids, dtype=np.int64)
+        x = np.asarray(x)
+        if ids.shape != x.shape or ids.ndim != 1:
+            raise InputError(f"ids and samples must be 1-D of one length, got {ids.shape} and {x.shape}")
+        if halo is not None and np.asarray(halo).shape != ids.shape:
+            raise InputError(f"halo flags must have one per sample, got {np.asarray(halo).shape} for {ids.shape}")
+        if self._dtype is None:
+            self._dtype = np.result_type(x.dtype, self.kernel.dtype)
+        outs = []
+        if ids.size:
+            bad = (ids < 0) | (ids >= self.n)
+            if bad.any():
+                raise InputError(
+                    f"Sample id {int(ids[bad][0])} is outside the series 0..{self.n - 1} (length {self.n}); "
+                    "ids must be the sample indices of one series"
+                )
+            # Segment starts: the first row continues the context only if it follows it by one.
+            breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [ids.size]))
+            for a, b in zip(starts, ends):
+                part = self._feed_segment(int(ids[a]), x[a:b], None if halo is None else np.asarray(halo[a:b], bool))
+                if part is not None:
+                    outs.append(part)
+        if not outs:
+            return np.empty(0, np.int64), np.empty(0, self._dtype or self.kernel.dtype)
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    def finish(self) -> None:
+        self._check_complete("the stream ended")
+
+    def _check_complete(self, why: str) -> None:
+        if self._owning and self._next_out < self._own_end:
+            need_to = min(self._own_end - 1 + self.s, self.n - 1)
+            raise InputError(
+                f"Outputs {self._next_out}..{self._own_end - 1} need samples up to id {need_to}, but {why} "
+                f"after id {self._ctx_end - 1}; send the {self.s} samples after each block as halo rows "
+                f"(mode {self.mode!r}, {self.taps} taps)"
+            )
+
+    def _feed_segment(self, first_id: int, x: np.ndarray, halo: np.ndarray | None):
+        if self._ctx is None or first_id != self._ctx_end:
+            if self._ctx is not None:
+                self._check_complete(f"a new segment started at id {first_id}")
+            self._ctx, self._ctx_start = x[:0], first_id
+            self._owning = False
+        if halo is None:
+            return self._feed_part(first_id, x, owned=True)
+        # Owned rows and halo rows alternate at most a few times (a run's halos abut the next run's).
+        flips = np.flatnonzero(np.diff(halo)) + 1
+        outs = [self._feed_part(first_id + a, x[a:b], owned=not halo[a])
+                for a, b in zip(np.concatenate(([0], flips)), np.concatenate((flips, [x.size])))]
+        outs = [o for o in outs if o is not None]
+        if len(outs) > 1:
+            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        return outs[0] if outs else None
+
+    def _feed_part(self, first_id: int, x: np.ndarray, owned: bool):
+        if owned:
+            self._own(first_id, first_id + x.size)
+        self._ctx = np.concatenate((self._ctx, x)) if self._ctx.size else x
+        return self._emit()
+
+    def _own(self, a0: int, a1: int) -> None:
+        hi = self.out_len if a1 == self.n else min(a1, self.out_len)
+        if a0 >= hi:
+            return
+        if self._owning and a0 != self._anchor_end:
+            # Owned rows resume after halo rows: everything owned before must be out already.
+            self._check_complete(f"owned rows resumed at id {a0}")
+            self._owning = False
+        if not self._owning:
+            self._owning, self._next_out = True, a0
+        self._own_end, self._anchor_end = hi, a1
+
+    def _emit(self):
+        if not self._owning:
+            self._trim(self._ctx_end)
+            return None
+        end = self._ctx_end
+        hi = self._own_end if end == self.n else min(self._own_end, end - self.s)
+        lo = self._next_out
+        if hi <= lo:
+            return None
+        first_needed = max(lo + self.s - self.taps + 1, 0)
+        if first_needed < self._ctx_start:
+            raise InputError(
+                f"Output {lo} needs samples from id {first_needed}, but its block starts at id {self._ctx_start}; "
+                f"send the {self.taps - 1 - self.s} samples before each block as halo rows "
+                f"(mode {self.mode!r}, {self.taps} taps)"
+            )
+        last_needed = min(hi - 1 + self.s, self.n - 1)
+        window = self._ctx[first_needed - self._ctx_start: last_needed + 1 - self._ctx_start]
+        full = _full_convolve(window, self.kernel)
+        # full[t] is the window's full convolution at input position first_needed + t, i.e. output
+        # first_needed + t - s: output lo sits at t = lo + s - first_needed.
+        offset = lo + self.s - first_needed
+        values = full[offset: offset + (hi - lo)]
+        self._next_out = hi
+        self._trim(hi + self.s - self.taps + 1)
+        return np.arange(lo, hi, dtype=np.int64), values
+
+    def _trim(self, keep_from: int) -> None:
+        # Keep the samples future outputs can still read; ids before keep_from are never read again.
+        cut = min(max(keep_from - self._ctx_start, 0), self._ctx.size)
+        cut = min(cut, max(self._ctx.size - (self.taps - 1), 0)) if not self._owning else cut
+        if cut:
+            self._ctx = self._ctx[cut:].copy()
+            self._ctx_start += cut
+
+
+def convolve(x, kernel, mode: str = "same", *, block_size: int | None = None) -> np.ndarray:
+    """Discrete linear convolution with exactly numpy.convolve's semantics.
+
+    Parameters
+    ----------
+    x, kernel : array_like, 1-D
+        The series and the kernel (complex128, float64, float32 or integer).
+    mode : {"full", "same", "valid"}
+        As in numpy.convolve; the output has the same length and dtype as numpy's.
+    block_size : int, optional
+        Convolve in blocks of this many samples with halos (what the distributed paths do);
+        the result is the same as over the whole series. Default: one block.
+
+    Examples
+    --------
+    >>> import numpy as np, ferry
+    >>> x = np.arange(6.0)
+    >>> bool(np.allclose(ferry.convolve(x, [1, 2, 3], block_size=2), np.convolve(x, [1, 2, 3], "same")))
+    True
+    """
+    x = np.asarray(x)
+    kernel = np.asarray(kernel)
+    if x.ndim != 1:
+        raise ValueError(f"x must be 1-D, got an array of shape {x.shape}")
+    if x.size == 0:
+        raise ValueError("x cannot be empty (numpy.convolve raises too): give at least one sample")
+    kernel = _check_kernel(kernel)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if block_size is not None and (int(block_size) != block_size or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    conv = StreamConvolver(kernel, mode, x.size)
+    step = x.size if block_size is None else int(block_size)
+    ids = np.arange(x.size, dtype=np.int64)
+    pieces = [conv.feed(ids[i:i + step], x[i:i + step])[1] for i in range(0, x.size, step)]
+    conv.finish()
+    return np.concatenate(pieces).astype(np.result_type(x, kernel), copy=False)
+
+
+# --- The stage contract -----------------------------------------------------------------------
+
+_OUTPUT = pa.schema([("id", pa.int64()), ("real", pa.float64()), ("imag", pa.float64())])
+_INPUT_DOC = ("id int64 (sample index, 0..length-1), real float64, imag float64, "
+              "and optionally halo bool (context rows that own no output)")
+
+
+def _output_schema(input_schema: pa.Schema, params: dict) -> pa.Schema:
+    require_columns("convolve", input_schema,
+                    {"id": pa.int64(), "real": pa.float64(), "imag": pa.float64(), "halo": pa.bool_()},
+                    optional=("halo",))
+    _kernel(params)
+    return _OUTPUT
+
+
+def _kernel(params: dict) -> np.ndarray:
+    real = params["kernel_real"]
+    imag = params["kernel_imag"]
+    if not real:
+        raise InvalidParamsError("Stage 'convolve' param 'kernel_real' cannot be empty: give at least one tap")
+    if imag and len(imag) != len(real):
+        raise InvalidParamsError(
+            f"Stage 'convolve': kernel_imag has {len(imag)} taps but kernel_real has {len(real)}; "
+            "give both parts for every tap, or leave kernel_imag empty for a real kernel"
+        )
+    return complex_from_columns(np.asarray(real, np.float64), np.asarray(imag, np.float64) if imag else None)
+
+
+@stage(
+    "convolve",
+    params=[
+        Param("kernel_real", "float_list", "Real parts of the kernel taps (at least one)."),
+        Param("kernel_imag", "float_list", "Imaginary parts of the taps; empty for a real kernel.", default=[]),
+        Param("mode", "string", "numpy.convolve mode.", default="same", choices=MODES),
+        Param("length", "int", "Samples in the whole series (ids 0..length-1); required to run.", default=-1),
+    ],
+    output_schema=_output_schema,
+    input_doc=_INPUT_DOC,
+)
+class ConvolveStage:
+    """Exact convolution with numpy.convolve semantics over a series sent in blocks with halos.
+
+    Each input id a owns output a (the last id also owns the outputs past the series); halo rows
+    give context only. Outputs are emitted as soon as their inputs have arrived.
+    """
+
+    def __init__(self, kernel_real, kernel_imag, mode, length):
+        if length < 1:
+            raise InvalidParamsError(
+                f"Stage 'convolve' needs param 'length' = the number of samples in the whole series "
+                f"(>= 1) to run, got {length}"
+            )
+        self._conv = StreamConvolver(_kernel({"kernel_real": kernel_real, "kernel_imag": kernel_imag}),
+                                     mode, length)
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        ids = column_numpy(batch, "id", np.int64)
+        x = complex_from_columns(column_numpy(batch, "real", np.float64), column_numpy(batch, "imag", np.float64))
+        halo = column_numpy(batch, "halo", bool) if "halo" in batch.schema.names else None
+        out_ids, y = self._conv.feed(ids, x, halo)
+        return pa.RecordBatch.from_arrays(
+            [pa.array(out_ids), pa.array(np.ascontiguousarray(y.real)), pa.array(np.ascontiguousarray(y.imag))],
+            schema=_OUTPUT,
+        )
+
+    def finish(self):
+        self._conv.finish()
+        return None
