@@ -120,13 +120,17 @@ class Convolve(Transformer, DefaultParamsReadable, DefaultParamsWritable):
                              "convolve each micro-batch with foreachBatch, or collect the series first")
         kernel, mode = self.kernel(), self.getMode()
         imag = F.col(self.getImagCol()).cast("double") if self.getImagCol() else F.lit(0.0)
+        # The planning and the computing pass must see the same rows in the same partitions, which
+        # a DataFrame evaluated twice does not promise (repartitionByRange seeds its sampler with
+        # the RDD id, for one): pin the series once; the planning pass materializes it.
         series = dataset.select(F.col(self.getIdCol()).cast("long").alias("id"),
-                                F.col(self.getRealCol()).cast("double").alias("real"), imag.alias("imag"))
+                                F.col(self.getRealCol()).cast("double").alias("real"),
+                                imag.alias("imag")).localCheckpoint(eager=False)
         runs = _plan(series, kernel.size)
         if runs is None:
-            # Not laid out contiguously: lay it out by id range once and keep that layout.
+            # Not laid out contiguously (e.g. after repartition(n)): lay it out by id range once.
             series = series.repartitionByRange(max(series.rdd.getNumPartitions(), 1), "id") \
-                           .sortWithinPartitions("id").localCheckpoint(eager=True)
+                           .sortWithinPartitions("id").localCheckpoint(eager=False)
             runs = _plan(series, kernel.size)
         n = check_coverage(runs)
         spark = dataset.sparkSession

@@ -34,6 +34,8 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._workdir.cleanup()
         return self.proc.returncode
 
@@ -75,6 +77,7 @@ def start_worker(python: str | None = None, stages: Sequence[str] = (), timeout:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        proc.stdout.close()
         with open(stderr_path, "rb") as f:
             tail = f.read()[-4000:].decode(errors="replace")
         workdir.cleanup()

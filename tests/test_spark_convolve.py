@@ -1,0 +1,143 @@
+"""ferry.spark.Convolve in a real local[2] Spark: any partitioning gives numpy's answer."""
+import numpy as np
+import pytest
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.sql import functions as F
+
+from ferry.errors import InputError, InvalidParamsError, SchemaError
+from ferry.spark import Convolve
+
+pytestmark = pytest.mark.spark
+
+
+def frame(spark, x, layout, parts):
+    rows = [(i, float(v.real), float(v.imag)) for i, v in enumerate(x)]
+    df = spark.createDataFrame(rows, "id long, real double, imag double")
+    return {
+        "round_robin": lambda: df.repartition(parts),        # ids scattered: forces the re-layout
+        "range": lambda: df.repartitionByRange(parts, "id"),  # contiguous runs, no shuffle needed
+        "reversed": lambda: df.repartition(parts).orderBy(F.desc("id")),  # descending ids: runs of one
+        "coalesced": lambda: df.coalesce(parts),
+    }[layout]()
+
+
+def collect_series(out, id_col="id", real="real", imag="imag"):
+    rows = sorted(out.collect(), key=lambda r: r[id_col])
+    ids = np.array([r[id_col] for r in rows], dtype=np.int64)
+    return ids, np.array([r[real] + 1j * r[imag] for r in rows])
+
+
+def assert_numpy_equal(out, x, k, mode, **cols):
+    ids, got = collect_series(out, **cols)
+    want = np.convolve(x, k, mode)
+    np.testing.assert_array_equal(ids, np.arange(want.size))
+    assert np.max(np.abs(got - want)) <= 1e-9 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+@pytest.mark.parametrize("layout", ["round_robin", "range", "coalesced"])
+@pytest.mark.parametrize("taps,mode", [(1, "same"), (2, "full"), (5, "same"), (64, "valid"), (1000, "same")])
+def test_any_partitioning_equals_numpy(spark, parts, layout, taps, mode):
+    rng = np.random.default_rng(parts * 100 + taps)
+    n = 3000
+    x = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+    k = rng.standard_normal(taps) + 1j * rng.standard_normal(taps)
+    out = Convolve(kernelReal=k.real.tolist(), kernelImag=k.imag.tolist(), mode=mode).transform(
+        frame(spark, x, layout, parts))
+    assert_numpy_equal(out, x, k, mode)
+
+
+def test_large_series_from_range(spark):
+    n = 200_000
+    df = spark.range(0, n, numPartitions=7).select(
+        "id", F.sin(F.col("id") * 0.01).alias("real"), F.cos(F.col("id") * 0.003).alias("imag"))
+    i = np.arange(n)
+    x = np.sin(i * 0.01) + 1j * np.cos(i * 0.003)
+    k = np.array([0.229397, -0.080817, 0.132327, -0.212555, 0.313648]) * (1 + 1j)
+    out = Convolve(kernelReal=k.real.tolist(), kernelImag=k.imag.tolist()).transform(df)
+    assert_numpy_equal(out, x, k, "same")
+
+
+def test_descending_ids_take_the_relayout(spark):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(500) + 0j
+    out = Convolve(kernelReal=[1.0, -2.0, 0.5], mode="full").transform(frame(spark, x, "reversed", 3))
+    assert_numpy_equal(out, x, np.array([1.0, -2.0, 0.5]), "full")
+
+
+def test_real_series_and_custom_columns(spark):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(777)
+    df = spark.createDataFrame([(i, float(v), "tag") for i, v in enumerate(x)], "t int, v float, tag string")
+    conv = Convolve(idCol="t", realCol="v", imagCol="", kernelReal=[0.5, 0.25, 0.125, 0.0625], mode="valid")
+    out = conv.transform(df.repartition(3))
+    assert out.columns == ["t", "v", "imag"]
+    xs = x.astype(np.float32).astype(np.float64)  # the float column was single precision
+    ids, got = collect_series(out, id_col="t", real="v")
+    want = np.convolve(xs, [0.5, 0.25, 0.125, 0.0625], "valid")
+    np.testing.assert_array_equal(ids, np.arange(want.size))
+    assert np.max(np.abs(got - want)) <= 1e-9 * np.max(np.abs(want))
+
+
+def test_series_shorter_than_kernel(spark):
+    x = np.array([1 + 2j, 3 - 1j, 0.5j])
+    k = np.arange(10) * (1 - 0.5j)
+    for mode in ("full", "same", "valid"):
+        out = Convolve(kernelReal=k.real.tolist(), kernelImag=k.imag.tolist(), mode=mode).transform(
+            frame(spark, x, "round_robin", 2))
+        assert_numpy_equal(out, x, k, mode)
+
+
+def test_empty_input_gives_empty_output(spark):
+    df = spark.createDataFrame([], "id long, real double, imag double")
+    out = Convolve(kernelReal=[1.0]).transform(df)
+    assert out.count() == 0 and out.columns == ["id", "real", "imag"]
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([(0, 1.0, 0.0), (1, 1.0, 0.0), (3, 1.0, 0.0)], r"ids 2\.\.2 are missing"),
+    ([(0, 1.0, 0.0), (1, 1.0, 0.0), (1, 1.0, 0.0), (2, 1.0, 0.0)], r"ids 1\.\.1 occur more than once"),
+    ([(5, 1.0, 0.0), (6, 1.0, 0.0)], "the smallest id is 5"),
+    ([(0, 1.0, 0.0), (1, None, 0.0)], "column 'real' holds null values"),
+    ([(0, 1.0, 0.0), (None, 1.0, 0.0)], "column 'id' holds null values"),
+])
+def test_bad_ids_and_nulls_raise_on_the_driver(spark, rows, match):
+    df = spark.createDataFrame(rows, "id long, real double, imag double")
+    with pytest.raises(InputError, match=match):
+        Convolve(kernelReal=[1.0, 2.0]).transform(df)
+
+
+@pytest.mark.parametrize("kwargs,schema,error,match", [
+    ({"kernelReal": []}, "id long, real double, imag double", InvalidParamsError, "at least one tap"),
+    ({}, "id long, real double, imag double", InvalidParamsError, "at least one tap"),
+    ({"kernelReal": [1.0], "mode": "middle"}, "id long, real double, imag double", InvalidParamsError,
+     "mode must be one of full, same, valid"),
+    ({"kernelReal": [1.0, 2.0], "kernelImag": [1.0]}, "id long, real double, imag double", InvalidParamsError,
+     "kernelImag has 1 taps but kernelReal has 2"),
+    ({"kernelReal": [1.0]}, "id long, real double", SchemaError, "needs a column 'imag'"),
+    ({"kernelReal": [1.0]}, "id string, real double, imag double", SchemaError, "column 'id' must be long"),
+    ({"kernelReal": [1.0]}, "id long, real string, imag double", SchemaError, "column 'real' must be double"),
+])
+def test_bad_params_and_schema_fail_before_any_job(spark, kwargs, schema, error, match):
+    df = spark.createDataFrame([], schema)
+    with pytest.raises(error, match=match):
+        Convolve(**kwargs).transform(df)
+
+
+def test_streaming_frame_is_refused(spark, tmp_path):
+    spark.createDataFrame([(0, 1.0, 0.0)], "id long, real double, imag double").write.parquet(str(tmp_path / "s"))
+    stream = spark.readStream.schema("id long, real double, imag double").parquet(str(tmp_path / "s"))
+    with pytest.raises(InputError, match="cannot run on a streaming DataFrame"):
+        Convolve(kernelReal=[1.0]).transform(stream)
+
+
+def test_save_load_round_trip_in_a_pipeline(spark, tmp_path):
+    conv = Convolve(kernelReal=[1.0, 2.0, 3.0], kernelImag=[0.0, -1.0, 0.5], mode="full", idCol="id")
+    path = str(tmp_path / "pipe")
+    Pipeline(stages=[conv]).fit(spark.createDataFrame([], "id long, real double, imag double")).save(path)
+    loaded = PipelineModel.load(path).stages[0]
+    assert isinstance(loaded, Convolve)
+    assert loaded.getKernelImag() == [0.0, -1.0, 0.5] and loaded.getMode() == "full"
+    x = np.arange(20) * (1 + 1j)
+    out = loaded.transform(frame(spark, x, "range", 3))
+    assert_numpy_equal(out, x, np.array([1.0, 2 - 1j, 3 + 0.5j]), "full")
