@@ -1,0 +1,145 @@
+package ferry
+
+import scala.jdk.CollectionConverters._
+
+import ferry.proto.v1.StageKind
+import org.apache.spark.ml.Transformer
+import org.apache.spark.ml.param.{Param, ParamMap, Params, StringArrayParam}
+import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, Identifiable}
+import org.apache.spark.sql.{DataFrame, Dataset, Encoders, SparkSession}
+import org.apache.spark.sql.catalyst.InternalRow
+import org.apache.spark.sql.functions.col
+import org.apache.spark.sql.types.StructType
+
+/** Params of [[PythonStage]]. */
+trait PythonStageParams extends Params {
+
+  /** Name of the Python stage registered on the worker (required). */
+  final val stageName: Param[String] = new Param[String](this, "stageName",
+    "name of the Python stage registered on the worker (required)", (s: String) => s != null && s.nonEmpty)
+
+  /** JSON object of the stage's params (default `{}`: every param at its default). */
+  final val paramsJson: Param[String] = new Param[String](this, "paramsJson",
+    "JSON object of the stage's params (default {})", (s: String) => Json.isObject(s))
+
+  /** Columns sent to the stage, in this order (default: empty = all columns). */
+  final val inputCols: StringArrayParam = new StringArrayParam(this, "inputCols",
+    "columns sent to the stage, in this order (default: all columns)")
+
+  setDefault(paramsJson -> "{}", inputCols -> Array.empty[String])
+
+  def getStageName: String = $(stageName)
+  def getParamsJson: String = $(paramsJson)
+  def getInputCols: Array[String] = $(inputCols)
+}
+
+/**
+ * Any Python `map` stage registered on a ferry worker, as a Spark ML `Transformer`.
+ *
+ * `transformSchema` asks the worker (`Describe`) for the output schema of the input columns and
+ * params, so bad params or columns fail on the driver before any data moves. `transform` streams
+ * each partition through a pooled worker as Arrow batches and returns the stage's output rows
+ * only: input columns are not carried over unless the stage returns them. Works on batch and
+ * streaming DataFrames.
+ *
+ * {{{
+ *   val scaled = new PythonStage().setStageName("scale").setParams(Map("factor" -> 2.0)).transform(df)
+ * }}}
+ */
+class PythonStage(override val uid: String) extends Transformer with PythonStageParams with DefaultParamsWritable {
+
+  def this() = this(Identifiable.randomUID("pythonStage"))
+
+  def setStageName(value: String): this.type = set(stageName, value)
+  def setParamsJson(value: String): this.type = set(paramsJson, value)
+  def setInputCols(value: Array[String]): this.type = set(inputCols, value)
+
+  /** Sets [[paramsJson]] from a map of values (numbers, strings, booleans, sequences, nested maps). */
+  def setParams(params: Map[String, Any]): this.type = set(paramsJson, Json.encode(params))
+
+  /** Java-friendly [[setParams]]. */
+  def setParams(params: java.util.Map[String, Object]): this.type = set(paramsJson, Json.encode(params))
+
+  private def selectedSchema(schema: StructType): StructType = {
+    val cols = $(inputCols)
+    if (cols.isEmpty) schema
+    else {
+      val missing = cols.filterNot(schema.fieldNames.contains)
+      if (missing.nonEmpty) {
+        throw new SchemaMismatchException($(stageName), s"Input column(s) ${missing.mkString("'", "', '", "'")} " +
+          s"of stage '${$(stageName)}' do not exist; the DataFrame has ${schema.fieldNames.mkString(", ")}. " +
+          "Fix inputCols or rename the columns.")
+      }
+      StructType(cols.map(c => schema(c)))
+    }
+  }
+
+  private def describe(schema: StructType): WorkerClient.Described = {
+    if (!isDefined(stageName)) {
+      throw new InvalidParamsException("", "PythonStage needs stageName: call setStageName(\"<registered stage>\").")
+    }
+    val input = selectedSchema(schema)
+    val conf = PythonStage.activeConf
+    val d = WorkerPool.get(conf).withClient(_.describe($(stageName), $(paramsJson), Some(input)))
+    if (d.spec.getKind != StageKind.STAGE_KIND_MAP) {
+      throw new InvalidParamsException($(stageName), s"Stage '${$(stageName)}' is a ${d.spec.getKind} stage; " +
+        "PythonStage runs map stages only (one output batch per input batch). Use the stage's own wrapper.")
+    }
+    d
+  }
+
+  override def transformSchema(schema: StructType): StructType =
+    describe(schema).outputSchema.getOrElse(throw new ProtocolException(
+      s"The worker's Describe of '${$(stageName)}' returned no output schema for an input schema."))
+
+  override def transform(dataset: Dataset[_]): DataFrame = {
+    val d = describe(dataset.schema)
+    val outSchema = d.outputSchema.get
+    val stage = $(stageName)
+    val params = if (d.paramsJson.nonEmpty) d.paramsJson else $(paramsJson)
+    val conf = FerryConf.get(dataset.sparkSession)
+    val cols = selectedSchema(dataset.schema).fieldNames
+    val selected = dataset.select(cols.map(c => col(s"`$c`")).toIndexedSeq: _*)
+    val inSchema = selected.schema
+    if (dataset.isStreaming) {
+      selected.mapPartitions { rows =>
+        val toInternal = ArrowBatches.internalConverter(inSchema)
+        PythonStage.runPartition(conf, stage, params, inSchema, rows.map(toInternal))
+      }(Encoders.row(outSchema))
+    } else {
+      val rdd = selected.queryExecution.toRdd.mapPartitions { rows =>
+        PythonStage.runPartition(conf, stage, params, inSchema, rows)
+      }
+      dataset.sparkSession.createDataFrame(rdd, outSchema)
+    }
+  }
+
+  override def copy(extra: ParamMap): PythonStage = defaultCopy(extra)
+}
+
+object PythonStage extends DefaultParamsReadable[PythonStage] {
+
+  override def load(path: String): PythonStage = super.load(path)
+
+  /** Settings of the active session, or the defaults outside of one. */
+  private[ferry] def activeConf: FerryConf =
+    SparkSession.getActiveSession.orElse(SparkSession.getDefaultSession).map(FerryConf.get).getOrElse(FerryConf.defaults)
+
+  private[ferry] def runPartition(conf: FerryConf, stage: String, paramsJson: String, schema: StructType,
+      rows: Iterator[InternalRow]): Iterator[org.apache.spark.sql.Row] = {
+    val runner = new StageRunner(conf, stage)
+    try runner.stream(stage, paramsJson, schema, rows)((reader, msg) => reader.externalRows(msg)) ++
+      new Iterator[Nothing] { // closes the runner (returns the worker) as soon as the output is exhausted
+        def hasNext: Boolean = { runner.close(); false }
+        def next(): Nothing = throw new NoSuchElementException
+      }
+    catch {
+      case e: Throwable =>
+        runner.close()
+        throw e
+    }
+  }
+
+  /** Unused-import guard for Scala 2.13 (`asScala` is used by callers through this object). */
+  private[ferry] def paramsOf(json: String): Map[String, Object] = Json.decodeObject(json).asScala.toMap
+}
