@@ -130,9 +130,9 @@ object ArrowBatches {
 
     /** Serialized batches, lazily: each `next()` reads just enough rows for one batch. */
     def batches(rows: Iterator[InternalRow]): Iterator[ByteString] = new Iterator[ByteString] {
-      def hasNext: Boolean = rows.hasNext
+      def hasNext: Boolean = pending != null || rows.hasNext
       def next(): ByteString = {
-        if (!rows.hasNext) throw new NoSuchElementException("no more rows")
+        if (!hasNext) throw new NoSuchElementException("no more rows")
         nextBatch(rows)
       }
     }

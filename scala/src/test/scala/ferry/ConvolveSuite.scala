@@ -1,0 +1,333 @@
+package ferry
+
+import java.io.File
+import java.nio.charset.StandardCharsets
+import java.nio.file.Files
+
+import scala.sys.process._
+
+import org.apache.spark.sql.{DataFrame, Encoders, Row}
+import org.apache.spark.sql.execution.streaming.runtime.MemoryStream
+import org.apache.spark.sql.functions.{col, lit, when}
+import org.apache.spark.sql.types._
+import org.scalatest.funsuite.AnyFunSuite
+
+class ConvolveSuite extends AnyFunSuite with SparkSuite {
+
+  import ConvolveSuite._
+
+  private val seriesSchema = StructType(Seq(
+    StructField("id", LongType, nullable = false), StructField("real", DoubleType), StructField("imag", DoubleType)))
+
+  private def series(n: Int, seed: Long): (Array[Double], Array[Double]) = {
+    val rnd = new scala.util.Random(seed)
+    (Array.fill(n)(rnd.nextGaussian()), Array.fill(n)(rnd.nextGaussian()))
+  }
+
+  private def kernel(l: Int, seed: Long): (Array[Double], Array[Double]) = {
+    val rnd = new scala.util.Random(seed * 31 + l)
+    (Array.fill(l)(rnd.nextDouble() - 0.5), Array.fill(l)(rnd.nextDouble() - 0.5))
+  }
+
+  private def rowsOf(re: Array[Double], im: Array[Double]): IndexedSeq[Row] =
+    re.indices.map(i => Row(i.toLong, re(i), im(i)))
+
+  /** Contiguous layout: parallelize slices the ids into P consecutive ranges. */
+  private def contiguous(re: Array[Double], im: Array[Double], p: Int): DataFrame =
+    spark.createDataFrame(spark.sparkContext.parallelize(rowsOf(re, im), p), seriesSchema)
+
+  /** Blocks of `block` consecutive ids dealt to P partitions in a shuffled order: several runs per partition. */
+  private def blocks(re: Array[Double], im: Array[Double], p: Int, block: Int, seed: Long): DataFrame = {
+    val bs = re.indices.grouped(block).toIndexedSeq
+    val order = new scala.util.Random(seed).shuffle(bs.indices.toIndexedSeq)
+    val rows = order.flatMap(b => bs(b).map(i => Row(i.toLong, re(i), im(i))))
+    spark.createDataFrame(spark.sparkContext.parallelize(rows, p), seriesSchema)
+  }
+
+  private def layouts(re: Array[Double], im: Array[Double]): Seq[(String, () => DataFrame)] = Seq(
+    "contiguous(1)" -> (() => contiguous(re, im, 1)),
+    "contiguous(3)" -> (() => contiguous(re, im, 3)),
+    "contiguous(7)" -> (() => contiguous(re, im, 7)),
+    "repartition(3)" -> (() => contiguous(re, im, 2).repartition(3)),
+    "repartition(7)" -> (() => contiguous(re, im, 2).repartition(7)),
+    "coalesce(7->3)" -> (() => contiguous(re, im, 7).coalesce(3)),
+    "blocks(3)" -> (() => blocks(re, im, 3, math.max(1, re.length / 10), 7L)))
+
+  /** Runs Convolve and compares with the direct double-precision reference (numpy semantics). */
+  private def check(df: DataFrame, re: Array[Double], im: Array[Double], kr: Array[Double], ki: Array[Double],
+      mode: String, what: String, realOnly: Boolean = false): Unit = {
+    val conv = new Convolve().setKernelReal(kr).setKernelImag(ki).setMode(mode)
+    if (realOnly) conv.setImagCol("")
+    val out = conv.transform(df)
+    assert(out.schema == Convolve.outputSchema("id", "real", "imag"))
+    val rows = out.collect()
+    val (er, ei) = reference(re, if (realOnly) new Array[Double](re.length) else im, kr, ki, mode)
+    assert(rows.length == er.length, s"$what: ${rows.length} rows, expected ${er.length}")
+    val gr = new Array[Double](er.length)
+    val gi = new Array[Double](er.length)
+    val seen = new Array[Boolean](er.length)
+    rows.foreach { r =>
+      val o = r.getLong(0).toInt
+      assert(o >= 0 && o < er.length && !seen(o), s"$what: output id $o out of range or repeated")
+      seen(o) = true
+      gr(o) = r.getDouble(1)
+      gi(o) = r.getDouble(2)
+    }
+    val scale = math.max(1e-300, er.indices.map(o => math.hypot(er(o), ei(o))).max)
+    val err = er.indices.map(o => math.hypot(gr(o) - er(o), gi(o) - ei(o))).max
+    assert(err <= 1e-9 * scale, s"$what: max error $err relative to max |y| $scale")
+  }
+
+  test("the JVM reference equals numpy.convolve (checked once through the venv's Python)") {
+    val (re, im) = series(7, 1)
+    val (kr, ki) = kernel(4, 1)
+    val script =
+      s"""import numpy as np, json
+         |x = np.array(${re.mkString("[", ",", "]")}) + 1j*np.array(${im.mkString("[", ",", "]")})
+         |k = np.array(${kr.mkString("[", ",", "]")}) + 1j*np.array(${ki.mkString("[", ",", "]")})
+         |out = {}
+         |for m in ("full", "same", "valid"):
+         |    for a, b, tag in ((x, k, "xk"), (x[:2], k, "short")):
+         |        y = np.convolve(a, b, m)
+         |        out[m + tag] = [[float(v.real) for v in y], [float(v.imag) for v in y]]
+         |print(json.dumps(out))
+         |""".stripMargin
+    val f = File.createTempFile("ferry-ref", ".py", TestSpark.tempDir)
+    Files.write(f.toPath, script.getBytes(StandardCharsets.UTF_8))
+    val json = Seq(TestSpark.python, f.getAbsolutePath).!!.trim
+    val parsed = Json.decodeObject(json)
+    for (m <- Seq("full", "same", "valid"); (tag, n) <- Seq("xk" -> 7, "short" -> 2)) {
+      val pair = parsed.get(m + tag).asInstanceOf[java.util.List[java.util.List[Number]]]
+      val (er, ei) = reference(re.take(n), im.take(n), kr, ki, m)
+      assert(pair.get(0).size() == er.length, s"$m $tag length")
+      er.indices.foreach { o =>
+        assert(math.abs(pair.get(0).get(o).doubleValue() - er(o)) < 1e-12, s"$m $tag re[$o]")
+        assert(math.abs(pair.get(1).get(o).doubleValue() - ei(o)) < 1e-12, s"$m $tag im[$o]")
+      }
+    }
+  }
+
+  test("short series (1, 2, 7, 40 samples) x kernels 1, 2, 3, 5, 64 x every mode x several layouts") {
+    val ls = Seq(1, 2, 3, 5, 64)
+    var c = 0
+    for (n <- Seq(1, 2, 7, 40)) {
+      val (re, im) = series(n, n)
+      val lays = layouts(re, im)
+      for (l <- ls; mode <- Seq("full", "same", "valid")) {
+        val (kr, ki) = kernel(l, n)
+        val (name, mk) = lays(c % lays.length)
+        c += 1
+        check(mk(), re, im, kr, ki, mode, s"N=$n L=$l $mode $name")
+      }
+    }
+  }
+
+  test("10^4 samples: every kernel length (1, 2, 3, 5, 64, 1000) x every mode x every layout") {
+    val (re, im) = series(10000, 42)
+    val lays = layouts(re, im)
+    var c = 0
+    for (l <- Seq(1, 2, 3, 5, 64, 1000); mode <- Seq("full", "same", "valid")) {
+      val (kr, ki) = kernel(l, 42)
+      val (name, mk) = lays(c % lays.length)
+      c += 1
+      check(mk(), re, im, kr, ki, mode, s"N=1e4 L=$l $mode $name")
+    }
+    // And every layout with one even kernel in "same" (the mode whose centring differs for even L).
+    val (kr, ki) = kernel(64, 3)
+    lays.foreach { case (name, mk) => check(mk(), re, im, kr, ki, "same", s"N=1e4 L=64 same $name") }
+  }
+
+  test("10^5 samples over contiguous, repartitioned and coalesced layouts") {
+    val (re, im) = series(100000, 5)
+    val (k5r, k5i) = kernel(5, 5)
+    val (k1000r, k1000i) = kernel(1000, 5)
+    check(contiguous(re, im, 7), re, im, k5r, k5i, "same", "N=1e5 L=5 same contiguous(7)")
+    check(contiguous(re, im, 2).repartition(3), re, im, k1000r, k1000i, "full", "N=1e5 L=1000 full repartition(3)")
+    check(contiguous(re, im, 7).coalesce(3), re, im, k1000r, k1000i, "valid", "N=1e5 L=1000 valid coalesce(7->3)")
+  }
+
+  test("a spark.range-based series, int ids and float columns are cast") {
+    val n = 3000
+    val df = spark.range(0, n, 1, 3).select(col("id").cast(IntegerType).as("t"),
+      (col("id") % 17 - 8).cast(FloatType).as("x"), (col("id") % 5).cast(FloatType).as("y"))
+    val re = Array.tabulate(n)(i => (i % 17 - 8).toDouble)
+    val im = Array.tabulate(n)(i => (i % 5).toDouble)
+    val conv = new Convolve().setIdCol("t").setRealCol("x").setImagCol("y").setKernelReal(Array(1, -2, 0.5))
+      .setKernelImag(Array(0, 1, 0)).setMode("full")
+    val out = conv.transform(df)
+    assert(out.schema.fieldNames.toSeq == Seq("t", "x", "y"))
+    val got = out.orderBy("t").collect()
+    val (er, ei) = reference(re, im, Array(1, -2, 0.5), Array(0, 1, 0), "full")
+    assert(got.length == er.length)
+    got.zipWithIndex.foreach { case (r, o) =>
+      assert(r.getLong(0) == o && math.abs(r.getDouble(1) - er(o)) < 1e-9 && math.abs(r.getDouble(2) - ei(o)) < 1e-9)
+    }
+  }
+
+  test("real-valued input (imagCol empty), with a real and with a complex kernel") {
+    val (re, _) = series(5000, 9)
+    val df = contiguous(re, new Array[Double](re.length), 3).drop("imag")
+    val (kr, ki) = kernel(5, 9)
+    check(df, re, null, kr, Array.empty, "same", "real series, real kernel", realOnly = true)
+    check(df, re, null, kr, ki, "valid", "real series, complex kernel", realOnly = true)
+    val out = new Convolve().setImagCol("").setKernelReal(kr).transform(df)
+    assert(out.schema.fieldNames.toSeq == Seq("id", "real", "imag"))
+  }
+
+  test("runs whose halos touch inside one partition (a new Run stream) and other odd layouts") {
+    val n = 40
+    val (re, im) = series(n, 11)
+    def layout(parts: Seq[Seq[Int]]): DataFrame = {
+      val rdd = spark.sparkContext.parallelize(parts, parts.length)
+        .flatMap(ids => ids.map(i => Row(i.toLong, re(i), im(i))))
+      spark.createDataFrame(rdd, seriesSchema)
+    }
+    // L = 5, same: hl = hr = 2, so [0,10)'s right halo ends at 11 and [14,20)'s left halo starts at 12.
+    val touching = layout(Seq((0 until 10) ++ (14 until 20), (10 until 14) ++ (20 until 40)))
+    for (mode <- Seq("full", "same", "valid")) {
+      val (kr, ki) = kernel(5, 11)
+      check(touching, re, im, kr, ki, mode, s"touching halos $mode")
+    }
+    // Descending order, an empty partition, and a single-sample partition.
+    val odd = layout(Seq((0 until 20).reverse, Seq(), Seq(20), 21 until 40))
+    val (kr, ki) = kernel(3, 11)
+    check(odd, re, im, kr, ki, "full", "descending + empty partition")
+  }
+
+  test("a scattered layout is re-laid out by id when a partition has too many runs") {
+    val (re, im) = series(3000, 13)
+    val (kr, ki) = kernel(7, 13)
+    withConf(FerryConf.ConvolveMaxRuns -> "10") {
+      check(contiguous(re, im, 2).repartition(3), re, im, kr, ki, "same", "re-laid out")
+      check(blocks(re, im, 3, 100, 1L), re, im, kr, ki, "full", "blocks re-laid out")
+    }
+  }
+
+  test("an empty series gives an empty DataFrame with the output schema") {
+    val out = new Convolve().setKernelReal(Array(1.0, 2.0)).transform(spark.createDataFrame(
+      spark.sparkContext.emptyRDD[Row], seriesSchema))
+    assert(out.schema == Convolve.outputSchema("id", "real", "imag"))
+    assert(out.count() == 0)
+  }
+
+  private def error[T <: FerryException](df: DataFrame, conv: Convolve)(implicit ct: reflect.ClassTag[T]): T = {
+    val e = intercept[T](conv.transform(df))
+    assert(e.getMessage.nonEmpty)
+    e
+  }
+
+  private val k3 = new Convolve().setKernelReal(Array(1.0, 2.0, 3.0))
+
+  test("ids that are not a dense range 0..N-1 fail on the driver with InvalidInputException") {
+    val base = spark.range(0, 100, 1, 3).select(col("id"), lit(1.0).as("real"), lit(0.0).as("imag"))
+    val missing = error[InvalidInputException](base.where("id < 40 or id >= 45"), k3)
+    assert(missing.getMessage.contains("missing ids [40, 45)"), missing.getMessage)
+    val dup = error[InvalidInputException](base.union(base.where("id between 10 and 12")), k3)
+    assert(dup.getMessage.contains("duplicate ids [10, 13)"), dup.getMessage)
+    val shifted = error[InvalidInputException](base.where("id >= 5"), k3)
+    assert(shifted.getMessage.contains("ids must start at 0, found smallest id 5"), shifted.getMessage)
+    val negative = error[InvalidInputException](base.select((col("id") - 3).as("id"), col("real"), col("imag")), k3)
+    assert(negative.getMessage.contains("found smallest id -3"), negative.getMessage)
+  }
+
+  test("null values fail with InvalidInputException naming the column and the id") {
+    val base = spark.range(0, 50, 1, 2).select(col("id"), lit(1.0).as("real"), lit(0.0).as("imag"))
+    val nullReal = base.withColumn("real", when(col("id") === 17, lit(null).cast(DoubleType)).otherwise(col("real")))
+    val e1 = error[InvalidInputException](nullReal, k3)
+    assert(e1.getMessage.contains("'real'") && e1.getMessage.contains("id 17"), e1.getMessage)
+    val nullImag = base.withColumn("imag", when(col("id") === 3, lit(null).cast(DoubleType)).otherwise(col("imag")))
+    val e2 = error[InvalidInputException](nullImag, k3)
+    assert(e2.getMessage.contains("'imag'") && e2.getMessage.contains("id 3"), e2.getMessage)
+    val nullId = base.withColumn("id", when(col("id") === 30, lit(null).cast(LongType)).otherwise(col("id")))
+    val e3 = error[InvalidInputException](nullId, k3)
+    assert(e3.getMessage.contains("'id' is null"), e3.getMessage)
+  }
+
+  test("missing columns and wrong types fail in transformSchema with SchemaMismatchException") {
+    val df = spark.range(10).select(col("id"), lit(1.0).as("real"), lit(0.0).as("imag"), lit("s").as("text"))
+    val noImag = intercept[SchemaMismatchException](k3.copy(ConvolveSuite.ParamMapEmpty).setImagCol("im").transformSchema(df.schema))
+    assert(noImag.getMessage.contains("'im' does not exist") && noImag.getMessage.contains("real"), noImag.getMessage)
+    val strId = intercept[SchemaMismatchException](k3.copy(ConvolveSuite.ParamMapEmpty).setIdCol("text").transformSchema(df.schema))
+    assert(strId.getMessage.contains("must be bigint or int, found string"), strId.getMessage)
+    val longReal = intercept[SchemaMismatchException](k3.copy(ConvolveSuite.ParamMapEmpty).setRealCol("id").setIdCol("id")
+      .transformSchema(df.schema))
+    assert(longReal.getMessage.contains("must be double or float, found bigint"), longReal.getMessage)
+    intercept[SchemaMismatchException](k3.transform(df.drop("real")))
+  }
+
+  test("bad kernels and modes fail in transformSchema with InvalidParamsException") {
+    val df = spark.range(10).select(col("id"), lit(1.0).as("real"), lit(0.0).as("imag"))
+    val empty = intercept[InvalidParamsException](new Convolve().setKernelReal(Array.empty).transformSchema(df.schema))
+    assert(empty.getMessage.contains("at least one tap"), empty.getMessage)
+    val unset = intercept[InvalidParamsException](new Convolve().transformSchema(df.schema))
+    assert(unset.getMessage.contains("setKernelReal"), unset.getMessage)
+    val mode = intercept[InvalidParamsException](k3.copy(ConvolveSuite.ParamMapEmpty).setMode("middle").transformSchema(df.schema))
+    assert(mode.getMessage.contains("full, same, valid") && mode.getMessage.contains("middle"), mode.getMessage)
+    val imag = intercept[InvalidParamsException](k3.copy(ConvolveSuite.ParamMapEmpty).setKernelImag(Array(1.0)).transformSchema(df.schema))
+    assert(imag.getMessage.contains("kernelImag has 1 values but kernelReal has 3"), imag.getMessage)
+    // The worker's own validation is reached too (the single source of truth): a NaN-free but
+    // enormous kernel is fine, while a mode that passes the JVM check is checked again there.
+    assert(k3.transformSchema(df.schema).fieldNames.toSeq == Seq("id", "real", "imag"))
+  }
+
+  test("a streaming DataFrame fails with a clear message") {
+    val input = MemoryStream[Long](Encoders.scalaLong, spark)
+    val df = input.toDF().select(col("value").as("id"), lit(1.0).as("real"), lit(0.0).as("imag"))
+    // The schema alone is fine (it has the right columns) ...
+    assert(k3.transformSchema(df.schema).length == 3)
+    // ... but a streaming series is never complete.
+    val e = intercept[InvalidInputException](k3.transform(df))
+    assert(e.getMessage.contains("streaming") && e.getMessage.contains("whole series"), e.getMessage)
+  }
+
+  test("save and load round trip") {
+    val conv = new Convolve().setIdCol("t").setRealCol("x").setImagCol("").setKernelReal(Array(0.5, 0.25))
+      .setKernelImag(Array(1.0, -1.0)).setMode("full")
+    val path = new File(TestSpark.newDir("convolve"), "stage").getAbsolutePath
+    conv.write.overwrite().save(path)
+    val loaded = Convolve.load(path)
+    assert(loaded.uid == conv.uid)
+    assert(loaded.getIdCol == "t" && loaded.getRealCol == "x" && loaded.getImagCol == "" && loaded.getMode == "full")
+    assert(loaded.getKernelReal.toSeq == Seq(0.5, 0.25) && loaded.getKernelImag.toSeq == Seq(1.0, -1.0))
+    val df = spark.range(0, 10, 1, 2).select(col("id").as("t"), col("id").cast(DoubleType).as("x"))
+    assert(loaded.transform(df).collect().toSet == conv.transform(df).collect().toSet)
+  }
+}
+
+object ConvolveSuite {
+  import org.apache.spark.ml.param.ParamMap
+  private[ferry] val ParamMapEmpty: ParamMap = ParamMap.empty
+
+  /**
+   * numpy.convolve(x, k, mode) by the direct double-precision sum (x complex = re + i im). The
+   * `mode` output o is the full output o + s, s as in convolve-wire.md.
+   */
+  def reference(re: Array[Double], im: Array[Double], kr: Array[Double], ki: Array[Double],
+      mode: String): (Array[Double], Array[Double]) = {
+    val n = re.length
+    val l = kr.length
+    val kim = if (ki == null || ki.isEmpty) new Array[Double](l) else ki
+    val xim = if (im == null) new Array[Double](n) else im
+    val (s, outLen) = ConvolvePlan.geometry(n.toLong, l, mode)
+    val yr = new Array[Double](outLen.toInt)
+    val yi = new Array[Double](outLen.toInt)
+    var o = 0
+    while (o < outLen) {
+      val f = o + s.toInt
+      var accR = 0.0
+      var accI = 0.0
+      var j = math.max(0, f - n + 1)
+      val jEnd = math.min(l - 1, f)
+      while (j <= jEnd) {
+        val x = f - j
+        accR += kr(j) * re(x) - kim(j) * xim(x)
+        accI += kr(j) * xim(x) + kim(j) * re(x)
+        j += 1
+      }
+      yr(o) = accR
+      yi(o) = accI
+      o += 1
+    }
+    (yr, yi)
+  }
+}
