@@ -83,7 +83,7 @@ lazy val root = (project in file("."))
         "-Dio.netty.tryReflectionSetAccessible=true"
       )
     },
-    Test / envVars ++= Map("PYTHONUNBUFFERED" -> "1"),
+    Test / envVars ++= Map("PYTHONUNBUFFERED" -> "1", "SPARK_LOCAL_IP" -> "127.0.0.1"),
 
     // --- the fat jar: ferry + grpc + protobuf, shaded; no Spark, Arrow or Scala library ---
     assembly / assemblyJarName := s"ferry-assembly-${version.value}.jar",

@@ -29,7 +29,6 @@ object TestSpark {
     .config("spark.sql.adaptive.enabled", "false")
     .config("spark.sql.warehouse.dir", new File(tempDir, "warehouse").getAbsolutePath)
     .config("spark.sql.streaming.checkpointLocation", new File(tempDir, "checkpoints").getAbsolutePath)
-    .config("spark.local.dir", new File(tempDir, "local").getAbsolutePath)
     .config(FerryConf.Python, python)
     .config(FerryConf.WorkerStages, "tests.stages_for_tests")
     .config(FerryConf.WorkerPythonPath, repo)
