@@ -8,10 +8,10 @@ import scala.jdk.CollectionConverters._
 import com.google.protobuf.{ByteString, UnsafeByteOperations}
 import org.apache.arrow.memory.{BufferAllocator, RootAllocator}
 import org.apache.arrow.vector._
-import org.apache.arrow.vector.complex.{LargeListVector, ListVector}
+import org.apache.arrow.vector.complex.ListVector
 import org.apache.arrow.vector.ipc.{ReadChannel, WriteChannel}
 import org.apache.arrow.vector.ipc.message.MessageSerializer
-import org.apache.arrow.vector.types.{FloatingPointPrecision, Types}
+import org.apache.arrow.vector.types.FloatingPointPrecision
 import org.apache.arrow.vector.types.pojo.{ArrowType, Field, FieldType, Schema}
 import org.apache.spark.sql.Row
 import org.apache.spark.sql.catalyst.InternalRow

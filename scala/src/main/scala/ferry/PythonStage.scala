@@ -1,7 +1,5 @@
 package ferry
 
-import scala.jdk.CollectionConverters._
-
 import ferry.proto.v1.StageKind
 import org.apache.spark.ml.Transformer
 import org.apache.spark.ml.param.{Param, ParamMap, Params, StringArrayParam}
@@ -139,7 +137,4 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
         throw e
     }
   }
-
-  /** Unused-import guard for Scala 2.13 (`asScala` is used by callers through this object). */
-  private[ferry] def paramsOf(json: String): Map[String, Object] = Json.decodeObject(json).asScala.toMap
 }

@@ -203,6 +203,19 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("input that changes between the planning and the compute pass is detected") {
+    val jitter = org.apache.spark.sql.functions.udf(() => scala.util.Random.nextDouble()).asNondeterministic()
+    val df = spark.range(0, 200, 1, 2).select(col("id"), jitter().as("real"), lit(0.0).as("imag"))
+    val e = intercept[Exception](k3.transform(df).collect())
+    val f = FerryException.find(e).getOrElse(fail("no FerryException", e))
+    assert(f.isInstanceOf[InvalidInputException])
+    assert(f.getMessage.contains("changed between its planning pass and its compute pass") &&
+      f.getMessage.contains("cache()"), f.getMessage)
+    // Cached, the same series is stable and convolves.
+    val cached = df.cache()
+    try assert(k3.transform(cached).count() == 200) finally cached.unpersist()
+  }
+
   test("an empty series gives an empty DataFrame with the output schema") {
     val out = new Convolve().setKernelReal(Array(1.0, 2.0)).transform(spark.createDataFrame(
       spark.sparkContext.emptyRDD[Row], seriesSchema))

@@ -181,6 +181,54 @@ class PythonStageSuite extends AnyFunSuite with SparkSuite {
     assert(noPython.getMessage.contains(FerryConf.Python), noPython.getMessage)
   }
 
+  test("a remote worker given by spark.ferry.worker.address: no local process, token required") {
+    val dir = TestSpark.newDir("remote")
+    val tokenFile = new java.io.File(dir, "token")
+    java.nio.file.Files.write(tokenFile.toPath, "remote-secret".getBytes)
+    val pb = new ProcessBuilder(TestSpark.python, "-m", "ferry", "worker", "--host", "127.0.0.1", "--port", "0",
+      "--token-file", tokenFile.getAbsolutePath, "--stages", "tests.stages_for_tests")
+    pb.environment().put("PYTHONPATH", TestSpark.repo)
+    pb.redirectError(new java.io.File(dir, "worker.log"))
+    val proc = pb.start()
+    try {
+      val out = new java.io.BufferedReader(new java.io.InputStreamReader(proc.getInputStream))
+      val line = Iterator.continually(out.readLine()).find(l => l == null || l.startsWith("FERRY_WORKER_PORT=")).get
+      assert(line != null, s"the worker did not start: ${WorkerPool.tail(new java.io.File(dir, "worker.log"), 20)}")
+      val address = "127.0.0.1:" + line.stripPrefix("FERRY_WORKER_PORT=").trim
+      val df = spark.range(0, 50, 1, 2).select(col("id").cast(DoubleType).as("x"))
+      withConf(FerryConf.WorkerAddress -> address, FerryConf.WorkerTokenFile -> tokenFile.getAbsolutePath) {
+        val ys = new PythonStage().setStageName("scale").setParams(Map("factor" -> 2)).transform(df)
+          .collect().map(_.getDouble(0)).sorted
+        assert(ys.toSeq == (0 until 50).map(_ * 2.0))
+        assert(WorkerPool.get(FerryConf.get(spark)).size == 0)
+      }
+      withConf(FerryConf.WorkerAddress -> address, FerryConf.WorkerToken -> "not-the-token") {
+        intercept[AuthenticationException](new PythonStage().setStageName("identity").transformSchema(df.schema))
+      }
+      withConf(FerryConf.WorkerAddress -> address) {
+        val e = intercept[AuthenticationException](new PythonStage().setStageName("identity").transformSchema(df.schema))
+        assert(e.getMessage.contains(FerryConf.WorkerToken), e.getMessage)
+      }
+    } finally {
+      proc.destroy()
+      proc.waitFor(10, TimeUnit.SECONDS)
+    }
+  }
+
+  test("stopping a pool stops its worker processes") {
+    val p = WorkerPool.get(conf.copy(workerLogDir = Some(TestSpark.newDir("stop-pool").getAbsolutePath)))
+    val a = p.borrow()
+    val b = p.borrow()
+    val procs = Seq(a, b).map(_.worker.get.process)
+    a.close()
+    assert(p.size == 2 && p.idleCount == 1)
+    p.stop()
+    assert(procs.forall(pr => pr.waitFor(10, TimeUnit.SECONDS)), "a worker outlived its pool")
+    b.close()
+    assert(p.size == 0)
+    intercept[WorkerUnavailableException](p.borrow())
+  }
+
   test("save and load round trip") {
     val stage = new PythonStage().setStageName("scale").setParams(Map("factor" -> 3.0)).setInputCols(Array("x"))
     val path = new java.io.File(TestSpark.newDir("pystage"), "stage").getAbsolutePath
