@@ -3,3 +3,4 @@
 Nothing here imports Spark or gRPC; the worker and the PySpark path both call these.
 """
 from ferry.stages import convolve  # noqa: F401  (registers the stage)
+from ferry.stages import tiles  # noqa: F401
