@@ -859,6 +859,13 @@ def test_stage_errors():
         emit.output_schema(batch.schema, emit.resolve_params({"operator": "blur"}))
     with pytest.raises(InvalidParamsError, match="'median' is not linear"):
         emit.output_schema(batch.schema, emit.resolve_params({"operator": "median", "strategy": "scatter"}))
+    with pytest.raises(InvalidParamsError, match=r"Kernel 5x5 is larger than the 4x4 tiles; use tiles at least"):
+        emit.output_schema(batch.schema, emit.resolve_params({"operator": "convolve2d", "tile_height": 4,
+                                                              "tile_width": 4,
+                                                              "operator_params": {"kernel": np.ones((5, 5)).tolist()}}))
+    with pytest.raises(InvalidParamsError, match=r"needs radius >= 1 with the 4x4 tiles"):
+        registry.get("tiles").output_schema(batch.schema, emit.resolve_params(
+            {"operator": "median", "radius": 0, "tile_height": 4, "tile_width": 4}))
     with pytest.raises(InvalidParamsError, match="param 'tile_height': must be >= 1, or -1"):
         emit.resolve_params({"operator": "median", "tile_height": 0})
     with pytest.raises(InvalidParamsError, match="needs each image's size to know its edges"):
@@ -890,3 +897,19 @@ def test_stage_runtime_is_light():
     assert time.perf_counter() - t0 < 10
     want = scipy.signal.convolve2d(image, np.ones((2, 2)), "same")
     assert rel_err(assemble(batch_tiles(red[0])), want) < 1e-9
+
+
+def test_tiles_stages_through_a_real_worker(client):
+    rng = np.random.default_rng(13)
+    image = rng.standard_normal((20, 27))
+    src = source_of(image, (8, 8))
+    batch = tile_batch(src.tiles)
+    params = {"operator": "median", "operator_params": {"size": 3}, "tile_height": 8, "tile_width": 8,
+              "image_height": 20, "image_width": 27}
+    emitted = client.run_table("tiles_emit", params, batch)
+    reduced = client.run_table("tiles_reduce", params, emitted)
+    got = batch_tiles(reduced.combine_chunks().to_batches()[0])
+    np.testing.assert_array_equal(assemble(got), scipy.ndimage.median_filter(image, size=3, mode="constant"))
+    bad = batch.set_column(4, "pixels", pa.array([b"junk"] * batch.num_rows, pa.binary()))
+    with pytest.raises(InputError, match=r"tile \(image 'img', z=0, x=0, y=0\): pixels are not valid \.npy bytes"):
+        client.run_table("tiles", {"operator": "median"}, bad)

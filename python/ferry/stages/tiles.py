@@ -553,8 +553,8 @@ class Operator:
     def default_radius(self, tile_shape: tuple[int, int]) -> int:
         return self.min_radius(tile_shape)
 
-    def check(self, grid: Grid, image: tuple[str, int]) -> None:
-        """Raises InvalidParamsError when this operator cannot run on this grid."""
+    def check(self, grid: Grid, image: tuple[str, int] | None) -> None:
+        """Raises InvalidParamsError when this operator cannot run on this grid (of this image)."""
 
     def out_dtype(self, dtype) -> np.dtype:
         return np.dtype(dtype)
@@ -670,10 +670,11 @@ class Convolve2D(Operator):
     def check(self, grid, image):
         kh, kw = self.kernel.shape
         if kh > grid.tile_height or kw > grid.tile_width:
+            where = ("" if image is None else
+                     f" of image {image[0]!r} z={image[1]} (first tile {TileKey(image[0], image[1], 0, 0)})")
             raise InvalidParamsError(
-                f"Kernel {kh}x{kw} is larger than the {grid.tile_height}x{grid.tile_width} tiles of image "
-                f"{image[0]!r} z={image[1]} (first tile {TileKey(image[0], image[1], 0, 0)}); use tiles at "
-                f"least as large as the kernel, or a kernel of at most {grid.tile_height}x{grid.tile_width}"
+                f"Kernel {kh}x{kw} is larger than the {grid.tile_height}x{grid.tile_width} tiles{where}; use "
+                f"tiles at least as large as the kernel, or a kernel of at most {grid.tile_height}x{grid.tile_width}"
             )
 
     def out_dtype(self, dtype):
@@ -841,7 +842,7 @@ def _strategy(op: Operator, strategy: str) -> str:
     return strategy
 
 
-def _radius(op: Operator, grid: Grid, image, radius: int | None) -> int:
+def _radius(op: Operator, grid: Grid, image: tuple[str, int] | None, radius: int | None) -> int:
     need = op.min_radius(grid.tile_shape)
     if radius is None:
         return max(op.default_radius(grid.tile_shape), need)
@@ -850,8 +851,8 @@ def _radius(op: Operator, grid: Grid, image, radius: int | None) -> int:
     if radius < need:
         raise InvalidParamsError(
             f"Operator {op.name!r} reads {op.halo(grid.tile_shape, 0)} pixels around each output, which needs "
-            f"radius >= {need} with the {grid.tile_height}x{grid.tile_width} tiles of image {image[0]!r} "
-            f"z={image[1]}; got radius {radius}"
+            f"radius >= {need} with the {grid.tile_height}x{grid.tile_width} tiles"
+            f"{'' if image is None else f' of image {image[0]!r} z={image[1]}'}; got radius {radius}"
         )
     return int(radius)
 
@@ -1168,22 +1169,33 @@ def _grid_of_row(row: dict, params: dict, need_size: bool) -> Grid | tuple[int, 
     return Grid(h, w, th, tw)
 
 
+def _check_params(params: dict) -> None:
+    """Fails on the driver, before data moves, for what the params alone show is wrong."""
+    op = _operator_from(params)
+    th, tw = params["tile_height"], params["tile_width"]
+    if th > 0 and tw > 0:
+        # A placeholder grid: only the tile size matters to the kernel and radius checks.
+        grid = Grid(th, tw, th, tw)
+        op.check(grid, None)
+        _radius(op, grid, None, None if params["radius"] < 0 else params["radius"])
+
+
 def _emit_schema(schema: pa.Schema, params: dict) -> pa.Schema:
     _require_tile_columns("tiles_emit", schema)
-    _operator_from(params)
+    _check_params(params)
     return EMIT_SCHEMA
 
 
 def _reduce_schema(schema: pa.Schema, params: dict) -> pa.Schema:
     _require_tile_columns("tiles_reduce", schema,
                           {"height": _INT, "width": _INT, "source_x": _INT, "source_y": _INT})
-    _operator_from(params)
+    _check_params(params)
     return TILE_SCHEMA
 
 
 def _tiles_schema(schema: pa.Schema, params: dict) -> pa.Schema:
     _require_tile_columns("tiles", schema)
-    _operator_from(params)
+    _check_params(params)
     return TILE_SCHEMA
 
 
