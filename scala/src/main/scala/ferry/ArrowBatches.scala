@@ -140,8 +140,30 @@ object ArrowBatches {
     /** Number of rows in the last batch produced (for tests and metrics). */
     var lastBatchRows: Int = 0
 
+    /** Bytes of one row when every column is fixed-width (the common numeric case), else -1. */
+    private val fixedRowBytes: Long =
+      if (writers.forall(_.isInstanceOf[Fixed])) writers.map(_.asInstanceOf[Fixed].rowBytes).sum else -1L
+    /** With fixed-width rows, how many fit in one batch (at least one). */
+    private val fixedRowsPerBatch: Int =
+      if (fixedRowBytes < 0) maxRows
+      else math.max(1L, math.min(maxRows.toLong, (maxBytes - fixedOverhead) / fixedRowBytes)).toInt
+    if (fixedRowBytes >= 0) root.getFieldVectors.asScala.foreach { v =>
+      v.setInitialCapacity(fixedRowsPerBatch)
+      v.allocateNew()
+    }
+
     private def nextBatch(rows: Iterator[InternalRow]): ByteString = {
       var n = 0
+      if (fixedRowBytes >= 0) {
+        // Fixed-width rows: the row cap already keeps the message under maxBytes.
+        while (n < fixedRowsPerBatch && rows.hasNext) {
+          val row = rows.next()
+          var i = 0
+          while (i < writers.length) { writers(i).write(row, i, n); i += 1 }
+          n += 1
+        }
+        return flush(n)
+      }
       var bytes = fixedOverhead
       var full = false
       // A buffered row that did not fit into the previous batch comes first.
@@ -224,7 +246,9 @@ object ArrowBatches {
 
   private final class Fixed(v: FieldVector, width: Int)(set: (SpecializedGettersLike, Int, Int) => Unit)
     extends FieldWriter {
-    def sizeOf(row: SpecializedGettersLike, ordinal: Int): Long = width + 1
+    /** Value bytes plus one validity byte: an upper bound on what a row adds. */
+    val rowBytes: Long = width + 1L
+    def sizeOf(row: SpecializedGettersLike, ordinal: Int): Long = rowBytes
     def write(row: SpecializedGettersLike, ordinal: Int, index: Int): Unit =
       if (row.isNullAt(ordinal)) v.setNull(index) else set(row, ordinal, index)
     def finish(count: Int): Unit = v.setValueCount(count)

@@ -177,7 +177,7 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     var plans = plan(rdd, conf.convolveMaxRunsPerPartition)
     if (plans.exists(_.abandoned)) {
       val parts = math.max(1, rdd.getNumPartitions)
-      Convolve.log.info(s"Convolve: a partition holds more than ${conf.convolveMaxRunsPerPartition} runs of " +
+      Convolve.log.info(s"A partition holds more than ${conf.convolveMaxRunsPerPartition} runs of " +
         s"consecutive ids (${FerryConf.ConvolveMaxRuns}); re-laying out the series by id into $parts partitions.")
       rdd = selected.repartitionByRange(parts, col("id")).sortWithinPartitions("id").queryExecution.toRdd
       plans = plan(rdd, Int.MaxValue)

@@ -132,66 +132,73 @@ final class WorkerPool private (val conf: FerryConf) {
             s"(${e.getMessage}). Set ${FerryConf.Python} to a Python interpreter that has ferry installed " +
             "(pip install spark-ferry), e.g. a venv's bin/python.", e)
       }
-    val port = new CompletableFuture[Int]()
-    val reader = new Thread(() => {
-      val in = new BufferedReader(new InputStreamReader(process.getInputStream, StandardCharsets.UTF_8))
-      try {
-        var line = in.readLine()
-        while (line != null) {
-          if (!port.isDone && line.startsWith(PortLinePrefix)) {
-            try port.complete(line.substring(PortLinePrefix.length).trim.toInt)
-            catch { case e: NumberFormatException => port.completeExceptionally(e) }
-          } else log.info(s"ferry worker $n (pid ${process.pid()}): $line")
-          line = in.readLine()
-        }
-      } catch { case NonFatal(_) => }
-      finally port.completeExceptionally(new IllegalStateException("stdout closed"))
-    }, s"ferry-worker-$n-stdout")
-    reader.setDaemon(true)
-    reader.start()
+    // Whatever goes wrong from here on, the process must not outlive this method unregistered.
+    try {
+      val port = new CompletableFuture[Int]()
+      val reader = new Thread(() => {
+        val in = new BufferedReader(new InputStreamReader(process.getInputStream, StandardCharsets.UTF_8))
+        try {
+          var line = in.readLine()
+          while (line != null) {
+            if (!port.isDone && line.startsWith(PortLinePrefix)) {
+              try port.complete(line.substring(PortLinePrefix.length).trim.toInt)
+              catch { case e: NumberFormatException => port.completeExceptionally(e) }
+            } else log.info(s"ferry worker $n (pid ${process.pid()}): $line")
+            line = in.readLine()
+          }
+        } catch { case NonFatal(_) => }
+        finally port.completeExceptionally(new IllegalStateException("stdout closed"))
+      }, s"ferry-worker-$n-stdout")
+      reader.setDaemon(true)
+      reader.start()
 
-    def failure(what: String, cause: Throwable): WorkerUnavailableException = {
-      val exit = if (process.isAlive) "still running, now stopped" else s"exit code ${process.exitValue()}"
-      destroy(process, 2000)
-      new WorkerUnavailableException(s"The ferry worker did not start: $what ($exit).\nCommand: ${cmd.mkString(" ")}\n" +
-        s"Last lines of its stderr ($logFile):\n${tail(logFile.toFile, 40)}\n" +
-        s"Check that ${FerryConf.Python}=${conf.python} has ferry and its dependencies installed" +
-        (if (conf.workerStages.nonEmpty) s", and that the modules in ${FerryConf.WorkerStages} import " +
-          s"(${FerryConf.WorkerPythonPath} adds to PYTHONPATH)" else "") + ".", cause)
-    }
-
-    val timeoutMs = conf.workerStartTimeoutMs
-    try CompletableFuture.anyOf(port, process.onExit()).get(timeoutMs, TimeUnit.MILLISECONDS)
-    catch {
-      case _: TimeoutException =>
-        throw failure(s"it did not print $PortLinePrefix<port> within ${timeoutMs / 1000.0}s " +
-          s"(raise ${FerryConf.WorkerStartTimeout} if the machine is slow)", null)
-      case NonFatal(_) =>
-    }
-    val p: Int =
-      if (port.isDone && !port.isCompletedExceptionally) port.get()
-      else {
-        // The process exited (or closed stdout) before announcing a port.
-        process.waitFor(2, TimeUnit.SECONDS)
-        throw failure("it exited before it was serving", null)
+      def failure(what: String, cause: Throwable): WorkerUnavailableException = {
+        val exit = if (process.isAlive) "still running, now stopped" else s"exit code ${process.exitValue()}"
+        destroy(process, 2000)
+        new WorkerUnavailableException(s"The ferry worker did not start: $what ($exit).\nCommand: ${cmd.mkString(" ")}\n" +
+          s"Last lines of its stderr ($logFile):\n${tail(logFile.toFile, 40)}\n" +
+          s"Check that ${FerryConf.Python}=${conf.python} has ferry and its dependencies installed" +
+          (if (conf.workerStages.nonEmpty) s", and that the modules in ${FerryConf.WorkerStages} import " +
+            s"(${FerryConf.WorkerPythonPath} adds to PYTHONPATH)" else "") + ".", cause)
       }
-    val client = WorkerClient.connect("127.0.0.1", p, token, conf)
-    try client.checkHealth(math.min(conf.rpcTimeoutMs, 30000L))
-    catch {
-      case NonFatal(e) =>
-        client.close()
-        throw failure(s"it reported port $p but failed its health check: ${e.getMessage}", e)
+
+      val timeoutMs = conf.workerStartTimeoutMs
+      try CompletableFuture.anyOf(port, process.onExit()).get(timeoutMs, TimeUnit.MILLISECONDS)
+      catch {
+        case _: TimeoutException =>
+          throw failure(s"it did not print $PortLinePrefix<port> within ${timeoutMs / 1000.0}s " +
+            s"(raise ${FerryConf.WorkerStartTimeout} if the machine is slow)", null)
+        case NonFatal(_) =>
+      }
+      val p: Int =
+        if (port.isDone && !port.isCompletedExceptionally) port.get()
+        else {
+          // The process exited (or closed stdout) before announcing a port.
+          process.waitFor(2, TimeUnit.SECONDS)
+          throw failure("it exited before it was serving", null)
+        }
+      val client = WorkerClient.connect("127.0.0.1", p, token, conf)
+      try client.checkHealth(math.min(conf.rpcTimeoutMs, 30000L))
+      catch {
+        case NonFatal(e) =>
+          client.close()
+          throw failure(s"it reported port $p but failed its health check: ${e.getMessage}", e)
+      }
+      try Files.deleteIfExists(portFile)
+      catch { case NonFatal(_) => }
+      val w = new LocalWorker(n, process, p, client, logFile)
+      all.add(w)
+      if (stopped) {
+        discard(w)
+        throw new WorkerUnavailableException("The ferry worker pool was stopped (the JVM is exiting).")
+      }
+      log.info(f"started ferry worker ${w.describe} in ${(System.nanoTime() - started) / 1e9}%.1fs; log: $logFile")
+      w
+    } catch {
+      case t: Throwable =>
+        destroy(process, 2000)
+        throw t
     }
-    try Files.deleteIfExists(portFile)
-    catch { case NonFatal(_) => }
-    val w = new LocalWorker(n, process, p, client, logFile)
-    all.add(w)
-    if (stopped) {
-      discard(w)
-      throw new WorkerUnavailableException("The ferry worker pool was stopped (the JVM is exiting).")
-    }
-    log.info(f"started ferry worker ${w.describe} in ${(System.nanoTime() - started) / 1e9}%.1fs; log: $logFile")
-    w
   }
 }
 

@@ -57,6 +57,39 @@ class BatchingSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("fixed-width rows: the bytes cap becomes a row cap, and messages stay under it") {
+    val fixed = StructType(Seq(StructField("id", LongType), StructField("x", DoubleType), StructField("f", BooleanType)))
+    for ((maxRows, maxBytes) <- Seq((100000, 4096L), (10, 1L << 20), (100000, 1L))) {
+      withAllocator { alloc =>
+        val writer = new ArrowBatches.Writer(fixed, alloc, maxRows, maxBytes)
+        val reader = new ArrowBatches.Reader(ArrowBatches.serializeSchema(writer.arrowSchema), alloc, "")
+        try {
+          val rows = Iterator.tabulate(5000)(i => new GenericInternalRow(Array[Any](i.toLong, i * 0.25,
+            if (i % 3 == 0) null else i % 2 == 0)): InternalRow)
+          var next = 0L
+          var batches = 0
+          writer.batches(rows).foreach { m =>
+            if (maxBytes > 1) assert(m.size() <= maxBytes, s"message of ${m.size()} bytes > cap $maxBytes")
+            val got = reader.externalRows(m).toVector
+            assert(got.nonEmpty && got.length <= maxRows)
+            got.foreach { r =>
+              assert(r.getLong(0) == next && r.getDouble(1) == next * 0.25)
+              assert(if (next % 3 == 0) r.isNullAt(2) else r.getBoolean(2) == (next % 2 == 0))
+              next += 1
+            }
+            batches += 1
+          }
+          assert(next == 5000)
+          if (maxBytes == 4096L) assert(batches > 5000 * 18 / 4096)
+          if (maxBytes == 1L) assert(batches == 5000) // one row per message when even one row is over the cap
+        } finally {
+          reader.close()
+          writer.close()
+        }
+      }
+    }
+  }
+
   test("a single row larger than the bytes cap travels alone") {
     withAllocator { alloc =>
       val writer = new ArrowBatches.Writer(schema, alloc, 1000, 4096)

@@ -197,7 +197,7 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
   test("a scattered layout is re-laid out by id when a partition has too many runs") {
     val (re, im) = series(3000, 13)
     val (kr, ki) = kernel(7, 13)
-    withConf(FerryConf.ConvolveMaxRuns -> "10") {
+    withConf(FerryConf.ConvolveMaxRuns -> "5") {
       check(contiguous(re, im, 2).repartition(3), re, im, kr, ki, "same", "re-laid out")
       check(blocks(re, im, 3, 100, 1L), re, im, kr, ki, "full", "blocks re-laid out")
     }
