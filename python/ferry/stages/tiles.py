@@ -459,7 +459,7 @@ def partials(op: "Operator", source_key: TileKey, source_tile: np.ndarray, targe
     """Scatter: the contribution of one source tile to each target, shaped as the target.
 
     Targets the source does not reach are left out; the source is transformed once, whatever
-    the number of targets.
+    the number of targets. Partials may share memory with each other: treat them as read-only.
     """
     if not op.linear:
         raise InvalidParamsError(
@@ -623,7 +623,11 @@ class ThresholdSum(Operator):
         kept = self._keep(tile)
         out = {}
         for t in targets:
-            p = np.zeros(grid.shape_at(t.x, t.y) + kept.shape[2:], dtype=kept.dtype)
+            shape = grid.shape_at(t.x, t.y)
+            if shape == kept.shape[:2]:
+                out[t] = kept  # shared by every target of the same shape: partials are never written
+                continue
+            p = np.zeros(shape + kept.shape[2:], dtype=kept.dtype)
             _place(p, 0, 0, kept, 0, 0)
             out[t] = p
         return out
