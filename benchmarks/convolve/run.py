@@ -422,7 +422,7 @@ class Bench:
                   "machine": machine_facts(), "settings": {
                       "sizes": a.sizes, "taps": a.taps, "timeout_s": a.timeout, "master": "local[2]",
                       "spark_conf": self.spark_conf, "parquet_files": PARQUET_FILES, "seed": SEED,
-                      "seed_shortcut": not a.seed_all}, "cases": [], "sweep": None, "notes": []}
+                      "seed_shortcut": not a.seed_all}, "cases": [], "sweep": None, "notes": list(a.note)}
         jar = None
         if not a.skip_scala:
             jar = self.find_assembly()
@@ -436,6 +436,8 @@ class Bench:
                         jar = None
                 if jar is not None:
                     result["settings"]["assembly"] = str(jar)
+                    result["settings"]["assembly_built"] = _dt.datetime.fromtimestamp(
+                        jar.stat().st_mtime).astimezone().isoformat(timespec="seconds")
         else:
             result["notes"].append("ferry via Scala skipped (--skip-scala)")
         seed_timed_out_taps = set()
@@ -531,6 +533,10 @@ def machine_facts() -> dict:
     try:
         versions["ferry_git"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "python", "scala", "build.sbt"],
+                               capture_output=True, text=True).stdout.splitlines()
+        if dirty:
+            versions["ferry_git"] += f" + {len(dirty)} uncommitted change(s) in python/, scala/"
     except Exception:   # noqa: BLE001
         pass
     facts["versions"] = versions
@@ -668,6 +674,9 @@ def render_md(result: dict) -> str:
     L += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     L += [f"| {t} | {meas} | {verdict} |" for t, meas, verdict in targets(result)]
     L += [""]
+    if s.get("assembly"):
+        L += [f"Scala path: `spark-submit --master local[2] --class ferry.examples.ConvolveDemo` with "
+              f"`{s['assembly']}` (built {s.get('assembly_built', '?')}), `spark.ferry.python` = the run's Python.", ""]
     if result.get("notes"):
         L += ["Notes: " + " ".join(result["notes"]), ""]
     for case in result["cases"]:
@@ -754,6 +763,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="cap per case in seconds (default 600)")
     p.add_argument("--driver-memory", default="4g", help="spark.driver.memory for ferry/floor cases (default 4g)")
     p.add_argument("--tmp", default=None, help="directory for the temporary Parquet data")
+    p.add_argument("--note", action="append", default=[], help="a line to add to the report's notes (repeatable)")
     p.add_argument("--from-json", help="only re-render convolve.md from this results JSON")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
