@@ -69,8 +69,10 @@ trait ConvolveParams extends Params {
  * (re-laying out the data by id if it is scattered, e.g. after `repartition(n)`); the driver
  * checks the ids tile 0..N-1 and gives each run the neighbouring samples it needs (its halos);
  * then each partition streams its runs with their halos through a pooled Python worker
- * running the `convolve` stage. The input is read twice: cache it if it is expensive or not
- * deterministic. Batch DataFrames only: a streaming DataFrame never holds the whole series.
+ * running the `convolve` stage. `transform` runs the planning pass (a Spark job) right away and
+ * returns a DataFrame whose computation is lazy as usual. The input is read twice: cache it if
+ * it is expensive or not deterministic. Batch DataFrames only: a streaming DataFrame never holds
+ * the whole series.
  *
  * {{{
  *   val y = new Convolve().setKernelReal(Array(0.25, 0.5, 0.25)).setMode("same").transform(series)
@@ -174,6 +176,7 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     }
 
     var rdd = selected.queryExecution.toRdd
+    Convolve.prestartLocal(spark, conf, rdd.getNumPartitions)
     var plans = plan(rdd, conf.convolveMaxRunsPerPartition)
     if (plans.exists(_.abandoned)) {
       val parts = math.max(1, rdd.getNumPartitions)
@@ -216,6 +219,15 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     StructField(imag, DoubleType, nullable = false)))
 
   override def load(path: String): Convolve = super.load(path)
+
+  /**
+   * In local mode the tasks run in this JVM: start the workers they will borrow now, so that
+   * they come up while the planning pass runs instead of after it.
+   */
+  private[ferry] def prestartLocal(spark: org.apache.spark.sql.SparkSession, conf: FerryConf, partitions: Int): Unit =
+    if (spark.sparkContext.isLocal && partitions > 0) {
+      WorkerPool.get(conf).prestart(math.min(partitions, spark.sparkContext.defaultParallelism))
+    }
 
   private def changed(detail: String) = new InvalidInputException(Stage, "Convolve's input changed between its " +
     s"planning pass and its compute pass: $detail. The DataFrame must give the same rows in the same order each " +

@@ -105,7 +105,9 @@ class PythonStage(override val uid: String) extends Transformer with PythonStage
         PythonStage.runPartition(conf, stage, params, inSchema, rows.map(toInternal))
       }(Encoders.row(outSchema))
     } else {
-      val rdd = selected.queryExecution.toRdd.mapPartitions { rows =>
+      val input = selected.queryExecution.toRdd
+      Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
+      val rdd = input.mapPartitions { rows =>
         PythonStage.runPartition(conf, stage, params, inSchema, rows)
       }
       dataset.sparkSession.createDataFrame(rdd, outSchema)

@@ -33,6 +33,8 @@ final class WorkerPool private (val conf: FerryConf) {
 
   private val idle = mutable.ArrayDeque.empty[LocalWorker]
   private val all = ConcurrentHashMap.newKeySet[LocalWorker]()
+  /** Workers being started in the background by [[prestart]], not yet claimed by a borrower. */
+  private val starting = mutable.Queue.empty[CompletableFuture[LocalWorker]]
   @volatile private var stopped = false
   private lazy val remote: WorkerClient = {
     val token = conf.workerToken.orElse(conf.workerTokenFile.map(readToken)).getOrElse {
@@ -48,8 +50,15 @@ final class WorkerPool private (val conf: FerryConf) {
     if (conf.isRemote) return new Lease(this, remote, None)
     var found: LocalWorker = null
     while (found == null) {
-      val candidate = synchronized(if (idle.nonEmpty) idle.removeLast() else null)
-      if (candidate == null) found = launch()
+      val (candidate, claimed) = synchronized {
+        if (idle.nonEmpty) (idle.removeLast(), null)
+        else if (starting.nonEmpty) (null, starting.dequeue())
+        else (null, null)
+      }
+      if (claimed != null) {
+        // A worker already on its way: wait for it rather than start yet another one.
+        found = try claimed.join() catch { case NonFatal(_) => null }
+      } else if (candidate == null) found = launch()
       else if (candidate.isAlive) found = candidate
       else {
         log.warn(s"ferry worker ${candidate.describe} died (exit code ${candidate.exitCode}); starting a new one. " +
@@ -58,6 +67,38 @@ final class WorkerPool private (val conf: FerryConf) {
       }
     }
     new Lease(this, found.client, Some(found))
+  }
+
+  /**
+   * Starts local workers in the background until the pool has `count` (idle, lent out or
+   * starting), so that tasks about to run find them ready. A no-op for a remote worker.
+   */
+  def prestart(count: Int): Unit = if (!conf.isRemote && !stopped) synchronized {
+    val missing = count - all.size - starting.size
+    (0 until missing).foreach { _ =>
+      val f = new CompletableFuture[LocalWorker]()
+      starting.enqueue(f)
+      val t = new Thread(() => {
+        try {
+          val w = launch()
+          synchronized {
+            // Nobody claimed it yet: it becomes idle (a later claimer finds it there instead).
+            if (starting.contains(f)) {
+              starting -= f
+              idle.append(w)
+            }
+          }
+          f.complete(w)
+        } catch {
+          case t: Throwable =>
+            synchronized(starting -= f)
+            log.warn(s"could not prestart a ferry worker: ${t.getMessage}")
+            f.completeExceptionally(t)
+        }
+      }, "ferry-worker-prestart")
+      t.setDaemon(true)
+      t.start()
+    }
   }
 
   /** Runs `f` with a borrowed worker; a worker that became unavailable is discarded, not returned. */

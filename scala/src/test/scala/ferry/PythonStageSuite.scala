@@ -215,6 +215,22 @@ class PythonStageSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("prestarted workers are handed to borrowers, never doubled") {
+    val p = WorkerPool.get(conf.copy(workerLogDir = Some(TestSpark.newDir("prestart-pool").getAbsolutePath)))
+    try {
+      p.prestart(2)
+      p.prestart(2) // already on their way: starts nothing more
+      val a = p.borrow() // claims one that is still starting, or takes it from the idle set
+      val b = p.borrow()
+      try {
+        assert(a.pid != b.pid)
+        assert(p.size == 2, s"${p.size} workers for 2 borrowers")
+        assert(a.client.listStages().nonEmpty && b.client.listStages().nonEmpty)
+      } finally { a.close(); b.close() }
+      assert(p.idleCount == 2)
+    } finally p.stop()
+  }
+
   test("stopping a pool stops its worker processes") {
     val p = WorkerPool.get(conf.copy(workerLogDir = Some(TestSpark.newDir("stop-pool").getAbsolutePath)))
     val a = p.borrow()

@@ -26,7 +26,6 @@ object TestSpark {
     .appName("ferry-tests")
     .config("spark.ui.enabled", "false")
     .config("spark.sql.shuffle.partitions", "4")
-    .config("spark.sql.adaptive.enabled", "false")
     .config("spark.sql.warehouse.dir", new File(tempDir, "warehouse").getAbsolutePath)
     .config("spark.sql.streaming.checkpointLocation", new File(tempDir, "checkpoints").getAbsolutePath)
     .config(FerryConf.Python, python)
