@@ -48,6 +48,7 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
     "contiguous(1)" -> (() => contiguous(re, im, 1)),
     "contiguous(3)" -> (() => contiguous(re, im, 3)),
     "contiguous(7)" -> (() => contiguous(re, im, 7)),
+    "repartition(1)" -> (() => contiguous(re, im, 3).repartition(1)),
     "repartition(3)" -> (() => contiguous(re, im, 2).repartition(3)),
     "repartition(7)" -> (() => contiguous(re, im, 2).repartition(7)),
     "coalesce(7->3)" -> (() => contiguous(re, im, 7).coalesce(3)),
@@ -107,8 +108,8 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
-  test("short series (1, 2, 7, 40 samples) x kernels 1, 2, 3, 5, 64 x every mode x several layouts") {
-    val ls = Seq(1, 2, 3, 5, 64)
+  test("short series (1, 2, 7, 40 samples) x kernels 1, 2, 3, 5, 64, 1000 x every mode x several layouts") {
+    val ls = Seq(1, 2, 3, 5, 64, 1000)
     var c = 0
     for (n <- Seq(1, 2, 7, 40)) {
       val (re, im) = series(n, n)
