@@ -1,0 +1,714 @@
+"""LOPQ training, every pass over the data a chunk / combine / aggregate reduction.
+
+A pass is three pure functions (the expression-chunking split, as dask's reduction triads):
+
+    chunk(X, state) -> partial          what to do on one chunk of raw vectors
+    combine(a, b) -> partial            merges two partials; associative, so trees work
+    aggregate(partial, state) -> state  the next training state, once all chunks are in
+
+``state`` is a :class:`TrainState` (the config and whatever is trained so far), small enough to
+ship to every executor. The partials are explicit dataclasses holding only sums, counts and
+moments, so any chunking and any combine tree give the same result up to float rounding; on
+Spark they travel as npz bytes (:func:`partial_to_bytes`) through tree aggregation.
+
+The passes, in order:
+
+    pca          moments (count, mean, centred scatter)   -> PCA, variance balanced over halves
+    coarse_init  a hash-keyed sample of PCA'd vectors      -> k-means++ centroids for each half
+    coarse_step  per-cluster counts and sums, both halves  -> one Lloyd step (x coarse_iters)
+    rotations    per-cluster residual moments              -> local rotations R and means mu
+    sub_init     a hash-keyed sample of local residuals    -> k-means++ for each subquantizer
+    sub_step     per-cluster counts and sums, M problems   -> one Lloyd step (x sub_iters)
+
+:func:`fit` runs them in-process over chunks of an array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ferry.errors import InputError, InvalidParamsError
+from ferry.stages.lopq.model import PCA, Centroids, LOPQModel, as_vectors, check_config, nearest
+
+log = logging.getLogger("ferry.lopq")
+
+#: Rows per chunk when fit() splits an in-memory array.
+DEFAULT_CHUNK_ROWS = 16384
+#: Points kept for k-means++ initialisation, per cluster to find.
+INIT_SAMPLE_PER_CLUSTER = 32
+#: Farthest points each k-means partial keeps, to re-seed clusters that end up empty.
+FAR_POINTS = 16
+
+
+class LOPQTrainingWarning(UserWarning):
+    """Training went on with a fallback (as the reference does), which may cost quality."""
+
+
+# --- configuration and state ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train. D is the dimension LOPQ quantizes (after PCA); D_in the input's."""
+
+    D_in: int
+    V: int
+    M: int
+    subquantizer_clusters: int = 256
+    pca: bool = True
+    pca_dim: int | None = None
+    seed: int = 0
+    coarse_iters: int = 10
+    sub_iters: int = 20
+    tol: float = 1e-4
+    init_sample: int | None = None
+
+    @property
+    def D(self) -> int:
+        return self.D_in if not self.pca or self.pca_dim is None else self.pca_dim
+
+    def check(self) -> None:
+        if self.pca and self.pca_dim is not None and not 2 <= self.pca_dim <= self.D_in:
+            raise InvalidParamsError(
+                f"pca_dim must lie in 2..{self.D_in} (the input dimension), got {self.pca_dim}"
+            )
+        check_config(self.D, self.V, self.M, self.subquantizer_clusters, what="LOPQ training")
+        if self.coarse_iters < 0 or self.sub_iters < 0:
+            raise InvalidParamsError(f"iteration counts must be >= 0, got coarse_iters={self.coarse_iters}, "
+                                     f"sub_iters={self.sub_iters}")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The config and the parameters trained so far; None for a step not reached yet."""
+
+    config: TrainConfig
+    pca: PCA | None = None
+    Cs: np.ndarray | None = None
+    Rs: np.ndarray | None = None
+    mus: np.ndarray | None = None
+    subs: np.ndarray | None = None
+    #: The last Lloyd step's inertia (sum of squared distances), for the convergence test.
+    inertia: float | None = None
+    previous_inertia: float | None = None
+
+    def lopq_space(self, X: np.ndarray) -> np.ndarray:
+        """Raw checked vectors -> the space LOPQ quantizes."""
+        return X if self.pca is None else self.pca.apply(X)
+
+    def model(self) -> LOPQModel:
+        if self.Cs is None:
+            raise InvalidParamsError("no coarse centroids trained yet: run the coarse passes first")
+        return LOPQModel(self.Cs, self.Rs, self.mus, self.subs, M=self.config.M, pca=self.pca)
+
+    def converged(self) -> bool:
+        if self.inertia is None or self.previous_inertia is None:
+            return False
+        return self.previous_inertia - self.inertia <= self.config.tol * max(self.inertia, 1e-300)
+
+    def to_bytes(self) -> bytes:
+        """The state as an LOPQModelParams protobuf (a partial model), for shipping to executors."""
+        from ferry.v1 import lopq_pb2
+
+        if self.Cs is not None:
+            msg = self.model().to_proto()
+        else:
+            msg = lopq_pb2.LOPQModelParams(D=self.config.D, V=self.config.V, M=self.config.M)
+            if self.pca is not None:
+                msg.pca_mean.values.extend(self.pca.mean.astype(np.float32).tolist())
+                msg.pca_projection.values.extend(self.pca.projection.astype(np.float32).ravel().tolist())
+                msg.pca_projection.shape.extend(self.pca.projection.shape)
+        return msg.SerializeToString()
+
+    @classmethod
+    def from_bytes(cls, config: TrainConfig, data: bytes) -> "TrainState":
+        from ferry.stages.lopq.model import _parse
+
+        msg = _parse(bytes(data), "the training state")
+        state = cls(config)
+        if len(msg.Cs):
+            m = LOPQModel.from_proto(msg, source="the training state")
+            state.pca, state.Cs, state.Rs, state.mus, state.subs = m.pca, m.Cs, m.Rs, m.mus, m.subs
+        elif msg.HasField("pca_projection"):
+            shape = tuple(msg.pca_projection.shape)
+            state.pca = PCA(np.asarray(msg.pca_mean.values),
+                            np.asarray(msg.pca_projection.values).reshape(shape))
+        return state
+
+
+# --- pass: PCA moments -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Moments:
+    """Count, mean and centred scatter sum((x - mean)(x - mean)^T) of a set of vectors."""
+
+    n: int
+    mean: np.ndarray
+    scatter: np.ndarray
+
+
+def moments_chunk(X: np.ndarray) -> Moments:
+    n = X.shape[0]
+    if n == 0:
+        return Moments(0, np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1])))
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    return Moments(n, mean, Xc.T @ Xc)
+
+
+def moments_combine(a: Moments, b: Moments) -> Moments:
+    # Chan et al.'s pairwise update: exact algebra, and stable where raw sums of squares are not.
+    if a.n == 0:
+        return b
+    if b.n == 0:
+        return a
+    n = a.n + b.n
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.n / n)
+    scatter = a.scatter + b.scatter + np.outer(delta, delta) * (a.n * b.n / n)
+    return Moments(n, mean, scatter)
+
+
+def covariance(m: Moments) -> np.ndarray:
+    if m.n < 2:
+        raise InputError(f"a covariance needs at least 2 vectors, got {m.n}")
+    return m.scatter / (m.n - 1)
+
+
+def pca_chunk(X: np.ndarray, state: TrainState, prepared=None) -> Moments:
+    return moments_chunk(X)
+
+
+def pca_aggregate(m: Moments, state: TrainState) -> TrainState:
+    cfg = state.config
+    cov = covariance(m)
+    eigenvalues, eigenvectors = np.linalg.eigh((cov + cov.T) / 2)
+    top = np.argsort(eigenvalues, kind="stable")[::-1][:cfg.D]
+    # Balance variance across the two halves: each half gets principal axes whose variances
+    # have about the same product, so both coarse quantizers see equally informative data.
+    perm = eigenvalue_allocation(2, eigenvalues[top])
+    P = eigenvectors[:, top[perm]]
+    return dataclasses.replace(state, pca=PCA(m.mean, P))
+
+
+def eigenvalue_allocation(num_buckets: int, eigenvalues: np.ndarray) -> np.ndarray:
+    """Order of dimensions that gives each of num_buckets equal-size buckets about the same
+    product of eigenvalues (Ge et al., Optimized Product Quantization, CVPR 2013, sec. 3.2.4).
+
+    Greedy: dimensions in decreasing eigenvalue go to the non-full bucket whose log-product is
+    smallest. The eigenvalues are first scaled so the smallest positive one is 1, so that no
+    log is negative (values below 1 would make an empty bucket look fullest, as the reference
+    notes); zero or negative ones count as that smallest.
+    """
+    ev = np.asarray(eigenvalues, dtype=np.float64)
+    D = ev.size
+    if D % num_buckets:
+        raise InvalidParamsError(f"{D} dimensions do not split into {num_buckets} equal buckets")
+    per = D // num_buckets
+    positive = ev[ev > 0]
+    floor = positive.min() if positive.size else 1.0
+    logs = np.log2(np.maximum(ev, floor) / floor)
+    product = np.zeros(num_buckets)
+    size = np.zeros(num_buckets, dtype=np.intp)
+    buckets = np.zeros((num_buckets, per), dtype=np.intp)
+    for i in np.argsort(ev, kind="stable")[::-1]:
+        open_ = np.flatnonzero(size < per)
+        b = open_[np.argmin(product[open_])]
+        product[b] += logs[i]
+        buckets[b, size[b]] = i
+        size[b] += 1
+    return buckets.ravel()
+
+
+# --- passes: hash-keyed samples for k-means++ ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Sample:
+    """The rows with the smallest keys seen; keys hash the raw row, so any chunking agrees."""
+
+    size: int
+    keys: np.ndarray
+    rows: np.ndarray
+
+
+def row_keys(X: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit key per row from its float64 bits and the seed (a splitmix-style mix)."""
+    bits = np.ascontiguousarray(X, dtype=np.float64).view(np.uint64)
+    h = np.full(X.shape[0], (0x9E3779B97F4A7C15 * (seed + 1)) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
+    m1, m2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    for j in range(bits.shape[1]):
+        h ^= bits[:, j]
+        h ^= h >> np.uint64(30)
+        h *= m1
+        h ^= h >> np.uint64(27)
+        h *= m2
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def sample_keep(keys: np.ndarray, rows: np.ndarray, size: int) -> Sample:
+    if keys.size > size:
+        keep = np.argpartition(keys, size - 1)[:size]
+        keys, rows = keys[keep], rows[keep]
+    order = np.argsort(keys, kind="stable")
+    return Sample(size, keys[order], rows[order])
+
+
+def sample_combine(a: Sample, b: Sample) -> Sample:
+    return sample_keep(np.concatenate((a.keys, b.keys)), np.concatenate((a.rows, b.rows)), a.size)
+
+
+def _init_size(cfg: TrainConfig, clusters: int) -> int:
+    return cfg.init_sample or max(INIT_SAMPLE_PER_CLUSTER * clusters, 1024)
+
+
+def coarse_init_chunk(X: np.ndarray, state: TrainState, halves: np.ndarray | None = None) -> Sample:
+    cfg = state.config
+    Y = state.lopq_space(X) if halves is None else np.concatenate(halves, axis=1)
+    return sample_keep(row_keys(X, cfg.seed), Y, _init_size(cfg, cfg.V))
+
+
+def coarse_init_aggregate(s: Sample, state: TrainState) -> TrainState:
+    cfg = state.config
+    rows, half = s.rows, cfg.D // 2
+    _require_points(rows.shape[0], cfg.V, "coarse clusters per half (V)")
+    Cs = np.stack([kmeans_plus_plus(rows[:, h * half:(h + 1) * half], cfg.V, _rng(cfg.seed, "coarse", h))
+                   for h in (0, 1)])
+    return dataclasses.replace(state, Cs=Cs, inertia=None, previous_inertia=None)
+
+
+def sub_init_chunk(X: np.ndarray, state: TrainState, subvectors: np.ndarray | None = None) -> Sample:
+    cfg = state.config
+    Z = local_residuals(X, state) if subvectors is None else np.concatenate(subvectors, axis=1)
+    return sample_keep(row_keys(X, cfg.seed + 1), Z, _init_size(cfg, cfg.subquantizer_clusters))
+
+
+def sub_init_aggregate(s: Sample, state: TrainState) -> TrainState:
+    cfg = state.config
+    S, d = cfg.subquantizer_clusters, cfg.D // cfg.M
+    _require_points(s.rows.shape[0], S, "subquantizer clusters")
+    subs = np.stack([kmeans_plus_plus(s.rows[:, m * d:(m + 1) * d], S, _rng(cfg.seed, "sub", m))
+                     for m in range(cfg.M)])
+    return dataclasses.replace(state, subs=subs, inertia=None, previous_inertia=None)
+
+
+def _require_points(n: int, k: int, what: str) -> None:
+    if n < k:
+        raise InputError(
+            f"training needs at least as many points as {what}: found {n} point(s) for {k} clusters; "
+            f"give more training data or ask for fewer clusters"
+        )
+
+
+def _rng(seed: int, *names) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF] + [hash_name(n) for n in names])
+
+
+def hash_name(n) -> int:
+    return int(n) if isinstance(n, (int, np.integer)) else sum(ord(c) << (8 * (i % 4)) for i, c in enumerate(n))
+
+
+def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii), greedy with 2 + log k trials per centre, as
+    scikit-learn does: each new centre is the candidate that most lowers the potential."""
+    n = X.shape[0]
+    distinct = np.unique(X, axis=0).shape[0] if n <= 200_000 else n
+    if distinct < k:
+        raise InputError(
+            f"k-means needs at least {k} distinct points for {k} clusters, found {distinct} among {n}; "
+            "give more (or more varied) training data or ask for fewer clusters"
+        )
+    trials = 2 + int(math.log(k))
+    centers = np.empty((k, X.shape[1]))
+    sq = np.einsum("ij,ij->i", X, X)
+    XT_neg2 = np.ascontiguousarray(-2.0 * X.T)
+    first = rng.integers(n)
+    centers[0] = X[first]
+    closest = np.maximum(sq - 2 * X @ X[first] + sq[first], 0.0)
+    potential = closest.sum()
+    for c in range(1, k):
+        if potential <= 0:
+            # Every point sits on a centre already; take points not chosen yet.
+            taken = (((X[:, None, :] - centers[None, :c, :]) ** 2).sum(-1) == 0).any(1)
+            centers[c] = X[rng.choice(np.flatnonzero(~taken))]
+            continue
+        r = rng.random(trials) * potential
+        cand = np.minimum(np.searchsorted(np.cumsum(closest), r), n - 1)
+        d = np.matmul(X[cand], XT_neg2)
+        d += sq
+        d += sq[cand][:, None]
+        np.maximum(d, 0.0, out=d)
+        np.minimum(d, closest[None, :], out=d)
+        pots = d.sum(axis=1)
+        best = int(np.argmin(pots))
+        centers[c] = X[cand[best]]
+        closest, potential = d[best], pots[best]
+    return centers
+
+
+# --- passes: Lloyd steps ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KMeansPartial:
+    """Per-cluster counts and sums, the inertia, and the farthest points (for empty clusters)."""
+
+    counts: np.ndarray
+    sums: np.ndarray
+    inertia: float
+    far_dists: np.ndarray
+    far_rows: np.ndarray
+
+
+def kmeans_chunk(X: np.ndarray, centroids) -> KMeansPartial:
+    cents = centroids if isinstance(centroids, Centroids) else Centroids(centroids)
+    K, d = cents.C.shape
+    X = np.ascontiguousarray(X)  # a column slice: gathers below run several times faster contiguous
+    labels = nearest(X, cents)
+    diff = X - cents.C[labels]
+    dists = np.einsum("ij,ij->i", diff, diff)
+    counts = np.bincount(labels, minlength=K).astype(np.int64)
+    sums = np.zeros((K, d))
+    if X.shape[0] and K <= 32:
+        # Few clusters: a one-hot matrix times X is one BLAS call per block of rows.
+        for a in range(0, X.shape[0], 4096):
+            lab = labels[a:a + 4096]
+            onehot = np.zeros((K, lab.size))
+            onehot[lab, np.arange(lab.size)] = 1.0
+            sums += onehot @ X[a:a + 4096]
+    elif X.shape[0]:
+        for j in range(d):
+            sums[:, j] = np.bincount(labels, weights=X[:, j], minlength=K)
+    nf = min(FAR_POINTS, X.shape[0])
+    far = np.argpartition(dists, X.shape[0] - nf)[X.shape[0] - nf:] if nf else np.empty(0, np.intp)
+    return KMeansPartial(counts, sums, float(dists.sum()), dists[far], X[far])
+
+
+def kmeans_combine(a: KMeansPartial, b: KMeansPartial) -> KMeansPartial:
+    fd = np.concatenate((a.far_dists, b.far_dists))
+    fr = np.concatenate((a.far_rows, b.far_rows))
+    keep = np.argsort(-fd, kind="stable")[:FAR_POINTS]
+    return KMeansPartial(a.counts + b.counts, a.sums + b.sums, a.inertia + b.inertia, fd[keep], fr[keep])
+
+
+def kmeans_aggregate(p: KMeansPartial, old: np.ndarray) -> np.ndarray:
+    """New centroids: the means; an empty cluster moves to the farthest point not used yet."""
+    new = np.array(old, dtype=np.float64, copy=True)
+    filled = p.counts > 0
+    new[filled] = p.sums[filled] / p.counts[filled, None]
+    empty = np.flatnonzero(~filled)
+    if empty.size:
+        order = np.argsort(-p.far_dists, kind="stable")
+        for k, i in zip(empty, order):
+            new[k] = p.far_rows[i]
+    return new
+
+
+def coarse_step_chunk(X: np.ndarray, state: TrainState, halves: np.ndarray | None = None) -> tuple[KMeansPartial, ...]:
+    halves = lopq_halves(X, state) if halves is None else halves
+    return tuple(kmeans_chunk(halves[h], state.Cs[h]) for h in (0, 1))
+
+
+def coarse_step_aggregate(p, state: TrainState) -> TrainState:
+    Cs = np.stack([kmeans_aggregate(p[h], state.Cs[h]) for h in (0, 1)])
+    return dataclasses.replace(state, Cs=Cs, previous_inertia=state.inertia, inertia=p[0].inertia + p[1].inertia)
+
+
+def sub_step_chunk(X: np.ndarray, state: TrainState, subvectors: np.ndarray | None = None) -> tuple[KMeansPartial, ...]:
+    subvectors = local_subvectors(X, state) if subvectors is None else subvectors
+    return tuple(kmeans_chunk(subvectors[m], state.subs[m]) for m in range(state.config.M))
+
+
+def sub_step_aggregate(p, state: TrainState) -> TrainState:
+    subs = np.stack([kmeans_aggregate(p[m], state.subs[m]) for m in range(state.config.M)])
+    return dataclasses.replace(state, subs=subs, previous_inertia=state.inertia,
+                               inertia=float(sum(q.inertia for q in p)))
+
+
+def partials_combine(a: Sequence, b: Sequence) -> tuple:
+    return tuple(kmeans_combine(x, y) for x, y in zip(a, b))
+
+
+def local_residuals(X: np.ndarray, state: TrainState) -> np.ndarray:
+    """Each half's residual (x - C[c]) - mu[c] rotated into its coarse cluster's frame."""
+    model = LOPQModel(state.Cs, state.Rs, state.mus, None, M=state.config.M, pca=state.pca)
+    return model.project(X)[1]
+
+
+def _split(Y: np.ndarray, parts: int) -> np.ndarray:
+    # (n, parts * d) -> contiguous (parts, n, d): k-means on one part then gathers rows of a
+    # contiguous array instead of a strided column slice, several times faster.
+    n = Y.shape[0]
+    return np.ascontiguousarray(Y.reshape(n, parts, Y.shape[1] // parts).transpose(1, 0, 2))
+
+
+def lopq_halves(X: np.ndarray, state: TrainState) -> np.ndarray:
+    """The two halves of the PCA'd vectors, as a contiguous (2, n, D/2) array."""
+    return _split(state.lopq_space(X), 2)
+
+
+def local_subvectors(X: np.ndarray, state: TrainState) -> np.ndarray:
+    """The M subvectors of the local residuals, as a contiguous (M, n, D/M) array."""
+    return _split(local_residuals(X, state), state.config.M)
+
+
+# --- pass: local rotations ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ClusterMoments:
+    """Moments of the coarse residuals x_h - C_h[c] of every cluster of both halves."""
+
+    counts: np.ndarray    # (2, V)
+    means: np.ndarray     # (2, V, D/2)
+    scatter: np.ndarray   # (2, V, D/2, D/2)
+
+
+def rotations_chunk(X: np.ndarray, state: TrainState, halves: np.ndarray | None = None) -> ClusterMoments:
+    cfg = state.config
+    halves = lopq_halves(X, state) if halves is None else halves
+    half, V = cfg.D // 2, cfg.V
+    counts = np.zeros((2, V), dtype=np.int64)
+    means = np.zeros((2, V, half))
+    scatter = np.zeros((2, V, half, half))
+    for h in (0, 1):
+        Yh = halves[h]
+        c = nearest(Yh, state.Cs[h])
+        r = Yh - state.Cs[h][c]
+        counts[h] = np.bincount(c, minlength=V)
+        order = np.argsort(c, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(counts[h])))
+        rs = r[order]
+        for v in np.flatnonzero(counts[h]):
+            block = rs[bounds[v]:bounds[v + 1]]
+            means[h, v] = block.mean(axis=0)
+            centred = block - means[h, v]
+            scatter[h, v] = centred.T @ centred
+    return ClusterMoments(counts, means, scatter)
+
+
+def rotations_combine(a: ClusterMoments, b: ClusterMoments) -> ClusterMoments:
+    n = a.counts + b.counts
+    safe = np.maximum(n, 1)
+    wb = (b.counts / safe)[..., None]
+    delta = b.means - a.means
+    means = a.means + delta * wb
+    cross = (a.counts * b.counts / safe)[..., None, None]
+    scatter = a.scatter + b.scatter + delta[..., :, None] * delta[..., None, :] * cross
+    return ClusterMoments(n, means, scatter)
+
+
+def rotations_aggregate(m: ClusterMoments, state: TrainState) -> TrainState:
+    cfg = state.config
+    half, V = cfg.D // 2, cfg.V
+    Rs = np.empty((2, V, half, half))
+    fallback = []
+    for h in (0, 1):
+        for v in range(V):
+            n = int(m.counts[h, v])
+            if n < half or n < 2:
+                # Too few residuals to estimate a D/2 x D/2 covariance: keep the residuals as
+                # they are, as the reference does.
+                Rs[h, v] = np.eye(half)
+                fallback.append((h, v, n))
+                continue
+            cov = m.scatter[h, v] / (n - 1)
+            eigenvalues, eigenvectors = np.linalg.eigh((cov + cov.T) / 2)
+            perm = eigenvalue_allocation(cfg.M // 2, eigenvalues)
+            Rs[h, v] = eigenvectors[:, perm].T
+    if fallback:
+        listed = ", ".join(f"half {h} cluster {v} ({n} points)" for h, v, n in fallback[:8])
+        more = f" and {len(fallback) - 8} more" if len(fallback) > 8 else ""
+        warnings.warn(
+            f"{len(fallback)} coarse cluster(s) have fewer points than the {half} dimensions of a half, too few "
+            f"to fit a local rotation: {listed}{more}. Their rotations fall back to the identity; train on more "
+            f"data or with a smaller V (now {V}) for better codes",
+            LOPQTrainingWarning, stacklevel=2,
+        )
+    return dataclasses.replace(state, Rs=Rs, mus=m.means.copy())
+
+
+# --- the passes as data, and the in-process driver -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One reduction over the data: chunk, combine, aggregate.
+
+    ``chunk(X, state, prepared=None)`` reads raw vectors X; ``prepare(X, state)`` is the part of
+    its work that depends only on parameters the pass does not change (the PCA'd vectors, the
+    local residuals), which a driver may compute once and pass back in on later passes.
+    """
+
+    name: str
+    chunk: Callable[..., Any]
+    combine: Callable[[Any, Any], Any]
+    aggregate: Callable[[Any, TrainState], TrainState]
+    prepare: Callable[[np.ndarray, TrainState], np.ndarray] | None = None
+    #: The state fields prepare() reads; a cached result stays valid while they are the same objects.
+    prepare_reads: tuple[str, ...] = ()
+
+
+PASSES = {p.name: p for p in (
+    Pass("pca", pca_chunk, moments_combine, pca_aggregate),
+    Pass("coarse_init", coarse_init_chunk, sample_combine, coarse_init_aggregate, lopq_halves, ("pca",)),
+    Pass("coarse_step", coarse_step_chunk, partials_combine, coarse_step_aggregate, lopq_halves, ("pca",)),
+    Pass("rotations", rotations_chunk, rotations_combine, rotations_aggregate, lopq_halves, ("pca",)),
+    Pass("sub_init", sub_init_chunk, sample_combine, sub_init_aggregate, local_subvectors,
+         ("pca", "Cs", "Rs", "mus")),
+    Pass("sub_step", sub_step_chunk, partials_combine, sub_step_aggregate, local_subvectors,
+         ("pca", "Cs", "Rs", "mus")),
+)}
+
+
+class PreparedCache:
+    """Prepared chunks of the last few passes, reused while the state fields they read stand."""
+
+    def __init__(self):
+        self._entries: dict[Callable, tuple[tuple, list]] = {}
+
+    def get(self, p: Pass, chunks: Sequence[np.ndarray], state: TrainState) -> list:
+        if p.prepare is None:
+            return [None] * len(chunks)
+        deps = tuple(getattr(state, f) for f in p.prepare_reads)
+        hit = self._entries.get(p.prepare)
+        if hit is not None and all(a is b for a, b in zip(hit[0], deps)):
+            return hit[1]
+        prepared = [p.prepare(X, state) for X in chunks]
+        self._entries[p.prepare] = (deps, prepared)
+        return prepared
+
+
+def tree_combine(partials: list, combine: Callable[[Any, Any], Any]):
+    """Pairwise combination, as Spark's treeAggregate: depth log2(chunks)."""
+    if not partials:
+        raise InputError("no data: training needs at least one chunk of vectors")
+    while len(partials) > 1:
+        partials = [combine(partials[i], partials[i + 1]) if i + 1 < len(partials) else partials[i]
+                    for i in range(0, len(partials), 2)]
+    return partials[0]
+
+
+def run_pass(p: Pass, chunks: Sequence[np.ndarray], state: TrainState, cache: PreparedCache | None = None) -> TrainState:
+    """Runs one pass over chunks of raw (checked) vectors: chunk each, combine as a tree, aggregate."""
+    prepared = cache.get(p, chunks, state) if cache is not None else [None] * len(chunks)
+    return p.aggregate(tree_combine([p.chunk(X, state, Y) for X, Y in zip(chunks, prepared)], p.combine), state)
+
+
+def plan(cfg: TrainConfig, state: TrainState):
+    """The passes fit() runs, as a generator that sees each new state (for early stopping)."""
+    if cfg.pca:
+        state = yield "pca"
+    state = yield "coarse_init"
+    for _ in range(cfg.coarse_iters):
+        state = yield "coarse_step"
+        if state.converged():
+            break
+    state = yield "rotations"
+    state = yield "sub_init"
+    for _ in range(cfg.sub_iters):
+        state = yield "sub_step"
+        if state.converged():
+            break
+
+
+def fit(X, V: int, M: int, subquantizer_clusters: int = 256, *, seed: int = 0, pca: bool = True,
+        pca_dim: int | None = None, coarse_iters: int = 10, sub_iters: int = 20, tol: float = 1e-4,
+        init_sample: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        progress: Callable[[str, TrainState, float], None] | None = None) -> LOPQModel:
+    """Trains an LOPQ model in-process by running every training pass over chunks of X.
+
+    Parameters
+    ----------
+    X : array (N, D_in), or a sequence of such arrays (the chunks)
+    V : coarse clusters per half.    M : subquantizers in total (even; D divisible by M).
+    subquantizer_clusters : clusters per subquantizer (256: one byte per fine code).
+    seed : seeds sampling and k-means++; the same seed gives the same model for any chunking.
+    pca, pca_dim : rotate onto principal axes (keeping pca_dim of them; default all) and
+        balance variance across the halves first; pca=False quantizes X as it is.
+    coarse_iters, sub_iters, tol : Lloyd steps at most, stopping early when the inertia
+        improves by less than tol (relative).
+    init_sample : points sampled for k-means++ (default 32 per cluster, at least 1024).
+    progress : called after every pass with (pass name, state, seconds); the default logs.
+    """
+    chunks = _as_chunks(X, chunk_rows)
+    cfg = TrainConfig(D_in=chunks[0].shape[1], V=V, M=M, subquantizer_clusters=subquantizer_clusters,
+                      pca=pca, pca_dim=pca_dim, seed=seed, coarse_iters=coarse_iters,
+                      sub_iters=sub_iters, tol=tol, init_sample=init_sample)
+    cfg.check()
+    n = sum(c.shape[0] for c in chunks)
+    _require_points(n, V, "coarse clusters per half (V)")
+    _require_points(n, subquantizer_clusters, "subquantizer clusters")
+    state = TrainState(cfg)
+    cache = PreparedCache()
+    steps = plan(cfg, state)
+    name = next(steps)
+    while True:
+        t0 = time.perf_counter()
+        state = run_pass(PASSES[name], chunks, state, cache)
+        dt = time.perf_counter() - t0
+        (progress or _log_progress)(name, state, dt)
+        try:
+            name = steps.send(state)
+        except StopIteration:
+            break
+    return state.model()
+
+
+def _log_progress(name: str, state: TrainState, seconds: float) -> None:
+    extra = f", inertia {state.inertia:.6g}" if name.endswith("_step") and state.inertia is not None else ""
+    log.info("lopq training: %s done in %.2f s%s", name, seconds, extra)
+
+
+def _as_chunks(X, chunk_rows: int) -> list[np.ndarray]:
+    if isinstance(X, np.ndarray) or not isinstance(X, (list, tuple)):
+        X = as_vectors(X, None, what="training vectors")
+        if X.shape[0] == 0:
+            raise InputError("no training vectors: X has 0 rows")
+        return [X[a:a + chunk_rows] for a in range(0, X.shape[0], chunk_rows)]
+    if not X:
+        raise InputError("no training vectors: the list of chunks is empty")
+    chunks = [as_vectors(c, None, what=f"training chunk {i}") for i, c in enumerate(X)]
+    dims = {c.shape[1] for c in chunks}
+    if len(dims) != 1:
+        raise InputError(f"all training chunks must have one dimension, found {sorted(dims)}")
+    return chunks
+
+
+# --- partials on the wire: npz, never pickle -----------------------------------------------------------
+
+_PARTIAL_TYPES = {t.__name__: t for t in (Moments, Sample, KMeansPartial, ClusterMoments)}
+
+
+def partial_to_bytes(p) -> bytes:
+    """A partial (or a tuple of partials) as npz bytes: arrays and scalars only."""
+    items = p if isinstance(p, tuple) else (p,)
+    arrays = {"__tuple__": np.array(isinstance(p, tuple)), "__n__": np.array(len(items))}
+    for i, item in enumerate(items):
+        arrays[f"{i}.__type__"] = np.array(type(item).__name__)
+        for f in dataclasses.fields(item):
+            arrays[f"{i}.{f.name}"] = np.asarray(getattr(item, f.name))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def partial_from_bytes(data: bytes):
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        items = []
+        for i in range(int(arrays["__n__"])):
+            cls = _PARTIAL_TYPES[str(arrays[f"{i}.__type__"])]
+            kwargs = {}
+            for f in dataclasses.fields(cls):
+                v = arrays[f"{i}.{f.name}"]
+                kwargs[f.name] = v.item() if v.ndim == 0 else v
+            items.append(cls(**kwargs))
+    except (KeyError, ValueError, OSError) as e:
+        raise InputError(f"a training partial does not decode ({type(e).__name__}: {e}); it must come from "
+                         "partial_to_bytes of the same ferry version") from None
+    return tuple(items) if bool(arrays["__tuple__"]) else items[0]

@@ -1,0 +1,242 @@
+"""LOPQ training: each pass's chunk/combine/aggregate triad against the whole data, fit end to end."""
+import numpy as np
+import pytest
+
+from ferry.errors import InputError, InvalidParamsError
+from ferry.lopq import LOPQTrainingWarning, fit
+from ferry.stages.lopq import train as T
+
+
+def mixture(n, d, k, seed, centers_seed=0):
+    rng = np.random.default_rng(centers_seed)
+    centers = rng.standard_normal((k, d)) * 3
+    scales = rng.uniform(0.5, 1.5, (k, d))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(k, size=n)
+    return centers[labels] + rng.standard_normal((n, d)) * scales[labels]
+
+
+def random_chunks(X, parts, seed):
+    """X cut at random places into `parts` chunks (some may be empty)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, X.shape[0] + 1, size=parts - 1))
+    return np.split(X, cuts)
+
+
+def reduce_random_tree(partials, combine, seed):
+    """Combines partials in a random order and tree shape: combine must not care."""
+    rng = np.random.default_rng(seed)
+    items = list(partials)
+    while len(items) > 1:
+        i = int(rng.integers(len(items) - 1))
+        items[i:i + 2] = [combine(items[i], items[i + 1])]
+    return items[0]
+
+
+def run(p, chunks, state, seed=0):
+    return p.aggregate(reduce_random_tree([p.chunk(X, state) for X in chunks], p.combine, seed), state)
+
+
+CHUNKINGS = [1, 3, 7]
+
+
+@pytest.fixture(scope="module")
+def data():
+    # An offset mean makes naive sum-of-squares covariance lose digits; Chan's update must not.
+    return mixture(3000, 16, 12, seed=1) + 1e3
+
+
+def trained_state(X, steps, **cfg):
+    cfg = T.TrainConfig(D_in=X.shape[1], **{"V": 4, "M": 4, "subquantizer_clusters": 16, **cfg})
+    state = T.TrainState(cfg)
+    for name in steps:
+        state = T.run_pass(T.PASSES[name], [X], state)
+    return state
+
+
+@pytest.mark.parametrize("parts", CHUNKINGS)
+def test_pca_moments_any_chunking_equals_numpy(data, parts):
+    m = reduce_random_tree([T.moments_chunk(c) for c in random_chunks(data, parts, parts)], T.moments_combine, parts)
+    assert m.n == data.shape[0]
+    np.testing.assert_allclose(m.mean, data.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(T.covariance(m), np.cov(data, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("parts", CHUNKINGS)
+def test_pca_pass_any_chunking_equals_single_chunk(data, parts):
+    state = T.TrainState(T.TrainConfig(D_in=16, V=4, M=4))
+    one = run(T.PASSES["pca"], [data], state)
+    many = run(T.PASSES["pca"], random_chunks(data, parts, 10 + parts), state, seed=parts)
+    np.testing.assert_allclose(many.pca.projection, one.pca.projection, atol=1e-9)
+    np.testing.assert_allclose(many.pca.mean, one.pca.mean, rtol=1e-12)
+
+
+def test_pca_is_orthonormal_and_balances_the_halves(data):
+    state = run(T.PASSES["pca"], [data], T.TrainState(T.TrainConfig(D_in=16, V=4, M=4, pca_dim=12)))
+    P = state.pca.projection
+    assert P.shape == (16, 12)
+    np.testing.assert_allclose(P.T @ P, np.eye(12), atol=1e-6)
+    Y = state.pca.apply(data)
+    var = Y.var(axis=0, ddof=1)
+    # Decorrelated, and both halves carry about the same log-volume of variance.
+    cov = np.cov(Y, rowvar=False)
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-3 * var.max()
+    logs = np.log(var)
+    assert abs(logs[:6].sum() - logs[6:].sum()) < 0.25 * abs(logs).sum()
+    # The kept axes are the 12 of largest variance.
+    all_var = np.sort(np.linalg.eigvalsh(np.cov(data, rowvar=False)))[::-1]
+    np.testing.assert_allclose(np.sort(var)[::-1], all_var[:12], rtol=1e-4)
+
+
+def test_eigenvalue_allocation_balances_log_products():
+    ev = np.array([100.0, 50, 20, 10, 5, 2, 1, 0.5])
+    perm = T.eigenvalue_allocation(2, ev)
+    assert sorted(perm) == list(range(8))
+    a, b = np.log(ev[perm[:4]]).sum(), np.log(ev[perm[4:]]).sum()
+    assert abs(a - b) <= np.log(ev).max() - np.log(ev).min()
+    # Eigenvalues below 1 and zeros still spread out: the three largest open three buckets,
+    # then each bucket takes a small one, the largest bucket last.
+    small = np.array([1e-3, 1e-4, 1e-5, 1e-6, 0.0, 0.0])
+    buckets = T.eigenvalue_allocation(3, small).reshape(3, 2)
+    assert [tuple(sorted(b)) for b in buckets] == [(0, 4), (1, 5), (2, 3)]
+    with pytest.raises(InvalidParamsError, match="do not split into 4 equal buckets"):
+        T.eigenvalue_allocation(4, np.ones(6))
+
+
+@pytest.mark.parametrize("parts", CHUNKINGS)
+def test_a_kmeans_step_any_chunking_equals_single_chunk(data, parts):
+    rng = np.random.default_rng(5)
+    C = data[rng.choice(data.shape[0], 9, replace=False)] + 0.1
+    whole = T.kmeans_chunk(data, C)
+    p = reduce_random_tree([T.kmeans_chunk(c, C) for c in random_chunks(data, parts, parts)], T.kmeans_combine, parts)
+    np.testing.assert_array_equal(p.counts, whole.counts)
+    np.testing.assert_allclose(p.sums, whole.sums, rtol=1e-12)
+    assert p.inertia == pytest.approx(whole.inertia, rel=1e-12)
+    np.testing.assert_allclose(T.kmeans_aggregate(p, C), T.kmeans_aggregate(whole, C), rtol=1e-12, atol=1e-9)
+    # And the step is Lloyd's: means of the points nearest each centroid.
+    labels = ((data[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+    want = np.stack([data[labels == k].mean(0) for k in range(9)])
+    np.testing.assert_allclose(T.kmeans_aggregate(whole, C), want, rtol=1e-12)
+
+
+def test_an_empty_cluster_moves_to_a_far_point(data):
+    C = np.vstack([data[:3], np.full((1, 16), 1e6)])    # the last centroid attracts nothing
+    p = T.kmeans_chunk(data, C)
+    assert p.counts[3] == 0
+    new = T.kmeans_aggregate(p, C)
+    assert any(np.array_equal(new[3], row) for row in data)
+
+
+@pytest.mark.parametrize("parts", CHUNKINGS)
+def test_coarse_and_subquantizer_steps_any_chunking_equal_single_chunk(data, parts):
+    for step, ready in (("coarse_step", ["coarse_init"]), ("sub_step", ["coarse_init", "rotations", "sub_init"])):
+        state = trained_state(data, ready, pca=False)
+        one = run(T.PASSES[step], [data], state)
+        many = run(T.PASSES[step], random_chunks(data, parts, 20 + parts), state, seed=parts)
+        field = "Cs" if step == "coarse_step" else "subs"
+        np.testing.assert_allclose(getattr(many, field), getattr(one, field), rtol=1e-9, atol=1e-9)
+        assert many.inertia == pytest.approx(one.inertia, rel=1e-9)
+
+
+@pytest.mark.parametrize("parts", CHUNKINGS)
+def test_rotation_accumulators_any_chunking_equal_single_chunk(data, parts):
+    state = trained_state(data, ["coarse_init", "coarse_step"], pca=False)
+    p = T.PASSES["rotations"]
+    whole = p.chunk(data, state)
+    many = reduce_random_tree([p.chunk(c, state) for c in random_chunks(data, parts, 30 + parts)], p.combine, parts)
+    np.testing.assert_array_equal(many.counts, whole.counts)
+    np.testing.assert_allclose(many.means, whole.means, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(many.scatter, whole.scatter, rtol=1e-9, atol=1e-7)
+    # Against numpy: residual mean and covariance of each cluster of the first half.
+    Y = data[:, :8]
+    labels = ((Y[:, None, :] - state.Cs[0][None]) ** 2).sum(-1).argmin(1)
+    for v in range(4):
+        r = Y[labels == v] - state.Cs[0][v]
+        np.testing.assert_allclose(whole.means[0, v], r.mean(0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(whole.scatter[0, v] / (len(r) - 1), np.cov(r, rowvar=False), rtol=1e-9, atol=1e-9)
+    # The aggregate's rotations are orthonormal and decorrelate each cluster's residuals.
+    new = p.aggregate(whole, state)
+    for h in (0, 1):
+        for v in range(4):
+            R = new.Rs[h, v]
+            np.testing.assert_allclose(R @ R.T, np.eye(8), atol=1e-9)
+    r = Y[labels == 0] - state.Cs[0][0] - new.mus[0, 0]
+    cov = np.cov(r @ new.Rs[0, 0].T, rowvar=False)
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-9 * np.abs(cov).max() + 1e-9
+
+
+@pytest.mark.parametrize("parts", CHUNKINGS)
+def test_init_samples_do_not_depend_on_chunking(data, parts):
+    state = T.TrainState(T.TrainConfig(D_in=16, V=4, M=4, pca=False, init_sample=500))
+    p = T.PASSES["coarse_init"]
+    whole = p.chunk(data, state)
+    many = reduce_random_tree([p.chunk(c, state) for c in random_chunks(data, parts, 40 + parts)], p.combine, parts)
+    np.testing.assert_array_equal(many.keys, whole.keys)
+    np.testing.assert_array_equal(many.rows, whole.rows)
+    assert len(whole.keys) == 500
+
+
+def test_partials_survive_their_wire_format(data):
+    state = trained_state(data, ["coarse_init", "coarse_step"], pca=False)
+    for name in ("pca", "coarse_init", "coarse_step", "rotations"):
+        part = T.PASSES[name].chunk(data[:500], state)
+        back = T.partial_from_bytes(T.partial_to_bytes(part))
+        assert type(back) is type(part)
+        for a, b in zip(part if isinstance(part, tuple) else (part,), back if isinstance(back, tuple) else (back,)):
+            for f in a.__dataclass_fields__:
+                np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
+    with pytest.raises(InputError, match="does not decode"):
+        T.partial_from_bytes(b"not an npz")
+
+
+def test_fit_is_the_same_for_any_chunking(data):
+    a = fit(data, V=4, M=4, subquantizer_clusters=16, seed=3, chunk_rows=3000, coarse_iters=4, sub_iters=4)
+    b = fit(data, V=4, M=4, subquantizer_clusters=16, seed=3, chunk_rows=701, coarse_iters=4, sub_iters=4)
+    for name in ("Cs", "Rs", "mus", "subs"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-6)
+    for x, y in zip(a.encode(data), b.encode(data)):
+        assert (x == y).mean() > 0.999
+
+
+def test_fit_reduces_distortion_step_by_step(data):
+    seen = []
+    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, progress=lambda name, state, s: seen.append((name, state.inertia)))
+    names = [n for n, _ in seen]
+    assert names[:2] == ["pca", "coarse_init"] and "rotations" in names and names[-1] == "sub_step"
+    coarse = [i for n, i in seen if n == "coarse_step"]
+    sub = [i for n, i in seen if n == "sub_step"]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(coarse, coarse[1:]))
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(sub, sub[1:]))
+
+
+def test_too_few_points_per_cluster_warns_and_falls_back_to_identity():
+    # 40 points in 8 coarse clusters of 16-dimensional halves: every cluster has fewer points
+    # than dimensions, so no covariance can be estimated; the reference uses identity rotations.
+    X = mixture(40, 32, 8, seed=2)
+    with pytest.warns(LOPQTrainingWarning, match=r"fewer points than the 16 dimensions.*fall back to the identity"):
+        m = fit(X, V=8, M=4, subquantizer_clusters=8, seed=0, pca=False)
+    np.testing.assert_array_equal(m.Rs, np.broadcast_to(np.eye(16), m.Rs.shape))
+    coarse, fine = m.encode(X)   # and the model still encodes
+    assert fine.shape == (40, 4)
+
+
+def test_fit_bad_input():
+    X = mixture(300, 16, 4, seed=0)
+    with pytest.raises(InvalidParamsError, match=r"M \(subquantizers in total\) must be even.*got 3"):
+        fit(X, V=4, M=3)
+    with pytest.raises(InvalidParamsError, match=r"D=16 must be divisible by M=6"):
+        fit(X, V=4, M=6)
+    with pytest.raises(InvalidParamsError, match=r"D=12 must be divisible by M=8"):
+        fit(X, V=4, M=8, pca_dim=12)
+    with pytest.raises(InputError, match=r"at least as many points as coarse clusters per half \(V\): found 300 .* 400"):
+        fit(X, V=400, M=4)
+    with pytest.raises(InputError, match=r"at least as many points as subquantizer clusters: found 300 .* 512"):
+        fit(X, V=4, M=4, subquantizer_clusters=512)
+    bad = X.copy()
+    bad[17, 3] = np.nan
+    with pytest.raises(InputError, match=r"must be finite; row 17"):
+        fit(bad, V=4, M=4)
+    with pytest.raises(InputError, match=r"one dimension, found \[8, 16\]"):
+        fit([X[:100], X[100:, :8]], V=4, M=4)
+    with pytest.raises(InputError, match=r"needs at least 16 distinct points for 16 clusters, found 10"):
+        fit(np.repeat(X[:10], 30, axis=0), V=4, M=4, subquantizer_clusters=16)
