@@ -244,13 +244,22 @@ object ArrowBatches {
     }
   }
 
-  private final class Fixed(v: FieldVector, width: Int)(set: (SpecializedGettersLike, Int, Int) => Unit)
-    extends FieldWriter {
+  /** Copies one value from a row into a vector slot (a SAM type: no boxing of the ints). */
+  private trait Setter {
+    def set(row: SpecializedGettersLike, ordinal: Int, index: Int): Unit
+  }
+
+  /** Reads one value of a row or array as an external (Row) value. */
+  private trait Getter {
+    def get(from: SpecializedGettersLike, ordinal: Int): Any
+  }
+
+  private final class Fixed(v: FieldVector, width: Int)(setter: Setter) extends FieldWriter {
     /** Value bytes plus one validity byte: an upper bound on what a row adds. */
     val rowBytes: Long = width + 1L
     def sizeOf(row: SpecializedGettersLike, ordinal: Int): Long = rowBytes
     def write(row: SpecializedGettersLike, ordinal: Int, index: Int): Unit =
-      if (row.isNullAt(ordinal)) v.setNull(index) else set(row, ordinal, index)
+      if (row.isNullAt(ordinal)) v.setNull(index) else setter.set(row, ordinal, index)
     def finish(count: Int): Unit = v.setValueCount(count)
   }
 
@@ -322,7 +331,7 @@ object ArrowBatches {
     private val root = VectorSchemaRoot.create(arrowSchema, allocator)
     private val loader = new VectorLoader(root)
     private lazy val toUnsafe = UnsafeProjection.create(sparkSchema)
-    private val toExternal: Array[(SpecializedGettersLike, Int) => Any] = sparkSchema.fields.map(f => externalGetter(f.dataType))
+    private val toExternal: Array[Getter] = sparkSchema.fields.map(f => externalGetter(f.dataType))
     private var closed = false
 
     /** Loads one message; the returned batch is valid until the next `load` or `close`. */
@@ -356,7 +365,7 @@ object ArrowBatches {
         val values = new Array[Any](toExternal.length)
         var c = 0
         while (c < values.length) {
-          values(c) = if (row.isNullAt(c)) null else toExternal(c)(row, c)
+          values(c) = if (row.isNullAt(c)) null else toExternal(c).get(row, c)
           c += 1
         }
         out(r) = Row.fromSeq(values.toSeq)
@@ -371,7 +380,7 @@ object ArrowBatches {
     }
   }
 
-  private def externalGetter(dt: DataType): (SpecializedGettersLike, Int) => Any = dt match {
+  private def externalGetter(dt: DataType): Getter = dt match {
     case BooleanType => (g, i) => g.getBoolean(i)
     case ByteType => (g, i) => g.getByte(i)
     case ShortType => (g, i) => g.getShort(i)
@@ -385,7 +394,7 @@ object ArrowBatches {
       val get = externalGetter(elem)
       (g, i) => {
         val a = g.getArray(i)
-        IndexedSeq.tabulate(a.numElements())(j => if (a.isNullAt(j)) null else get(a, j))
+        IndexedSeq.tabulate(a.numElements())(j => if (a.isNullAt(j)) null else get.get(a, j))
       }
     case other => throw new IllegalStateException(s"unsupported type $other")
   }
