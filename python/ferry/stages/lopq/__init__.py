@@ -4,8 +4,10 @@ Training (train.py) is a sequence of chunk / combine / aggregate reductions; enc
 decoding (model.py) are vectorized over batches; search (search.py) walks an inverted
 multi-index. Models are LOPQModelParams protobufs, field-compatible with the reference LOPQ
 `.lopq` files; nothing here reads or writes a pickle, except the numpy-only reader of the
-reference's text input format (io.py).
+reference's text input format (io.py). Importing this package registers the stages
+``lopq_encode`` and ``lopq_train``.
 """
+from ferry.stages.lopq import stages as _stages  # noqa: F401  (registers the stages)
 from ferry.stages.lopq.errors import ModelFormatError, UnsafePickleError
 from ferry.stages.lopq.io import (format_code_line, iter_text_vectors, parse_text_line, read_fvecs,
                                   read_text_vectors, write_fvecs)
