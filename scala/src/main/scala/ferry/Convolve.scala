@@ -7,7 +7,7 @@ import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, I
 import org.apache.spark.rdd.RDD
 import org.apache.spark.sql.{DataFrame, Dataset, Row}
 import org.apache.spark.sql.catalyst.InternalRow
-import org.apache.spark.sql.catalyst.expressions.SpecificInternalRow
+import org.apache.spark.sql.catalyst.expressions.{GenericRow, SpecificInternalRow}
 import org.apache.spark.sql.functions.{col, lit}
 import org.apache.spark.sql.types._
 import org.slf4j.LoggerFactory
@@ -265,7 +265,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     val out = new Array[Row](n)
     var i = 0
     while (i < n) {
-      out(i) = Row(id.getLong(i), re.getDouble(i), im.getDouble(i))
+      out(i) = new GenericRow(Array[Any](id.getLong(i), re.getDouble(i), im.getDouble(i)))
       i += 1
     }
     out.iterator
