@@ -240,3 +240,17 @@ def test_fit_bad_input():
         fit([X[:100], X[100:, :8]], V=4, M=4)
     with pytest.raises(InputError, match=r"needs at least 16 distinct points for 16 clusters, found 10"):
         fit(np.repeat(X[:10], 30, axis=0), V=4, M=4, subquantizer_clusters=16)
+
+
+def test_fit_with_pca_reduction_saves_loads_and_encodes_raw_vectors(data, tmp_path):
+    import ferry.lopq
+
+    m = ferry.lopq.fit(data, V=4, M=4, subquantizer_clusters=16, pca_dim=8, coarse_iters=3, sub_iters=3)
+    assert (m.input_dim, m.D) == (16, 8)
+    m.save(tmp_path / "m.lopq")
+    back = ferry.lopq.LOPQModel.load(tmp_path / "m.lopq")
+    for a, b in zip(back.encode(data), m.encode(data)):
+        np.testing.assert_array_equal(a, b)
+    # Decoding maps back to the input space, closer than the data's own spread.
+    err = ((m.decode(*m.encode(data)) - data) ** 2).sum(1).mean()
+    assert err < 0.5 * ((data - data.mean(0)) ** 2).sum(1).mean()

@@ -24,8 +24,6 @@ from ferry.stages.lopq.errors import ModelFormatError
 #: (rows x clusters) distance buffers stay in cache. Measured on D=128, M=8, 256 clusters.
 ENCODE_BLOCK_ROWS = 2048
 
-_EPS = np.finfo(np.float64).eps
-
 
 def check_config(D: int, V: int, M: int, num_subquantizers: int | None = None, *, what: str = "LOPQ") -> None:
     """Raises InvalidParamsError unless D, V, M (and the subquantizer size) make an LOPQ model."""
