@@ -10,7 +10,7 @@ import pytest
 
 from ferry.errors import InputError, InvalidParamsError
 from ferry.lopq import PCA, LOPQModel, ModelFormatError, codes_to_json
-from ferry.stages.lopq.model import nearest
+from ferry.stages.lopq.model import Centroids, nearest
 
 DATA = "/work/shared/data/lopq"
 FIXTURE = os.path.join(DATA, "random_test_model.lopq")
@@ -195,15 +195,20 @@ def test_encode_accepts_float32_one_vector_and_zero_vectors():
 
 
 def test_near_ties_resolve_as_the_direct_formula():
-    # Centroids at distances that differ far below float32 resolution: the float32 matmul
-    # cannot tell them apart, the float64 recomputation must.
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((200, 8)) * 100
-    C = x[:1] + np.array([[1e-3, 0, 0, 0, 0, 0, 0, 0], [0, 1.0000001e-3, 0, 0, 0, 0, 0, 0]])
-    C = np.vstack([C, rng.standard_normal((5, 8)) * 100])
-    want = ((x[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
-    np.testing.assert_array_equal(nearest(x, C), want)
-    assert nearest(x[:1], C)[0] == 0
+    # Two centroids whose distances to x[0] differ by 1e-13, far below what float32 resolves at
+    # |x|^2 ~ 1e5: float32 distances alone pick the wrong one for most seeds; nearest() must not.
+    float32_wrong = 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((200, 8)) * 100
+        C = x[:1] + np.array([[1.0000001e-3, 0, 0, 0, 0, 0, 0, 0], [0, 1e-3, 0, 0, 0, 0, 0, 0]])
+        C = np.vstack([C, rng.standard_normal((5, 8)) * 100])
+        want = ((x[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+        assert want[0] == 1
+        f32 = (np.hstack([x, np.ones((200, 1))]).astype(np.float32) @ Centroids(C).aug32).argmin(1)
+        float32_wrong += int((f32 != want).any())
+        np.testing.assert_array_equal(nearest(x, C), want)
+    assert float32_wrong >= 3    # the case is real: without the float64 recomputation this test fails
     # Beyond float32's range the float32 distances overflow; those rows are recomputed too.
     big = np.array([[1e20, 0.0], [3e20, 0.0], [-1e20, 0.0]])
     q = np.array([[2.1e20, 0.0], [-5e19, 0.0], [0.9e20, 1.0]])
