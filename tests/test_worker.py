@@ -189,3 +189,28 @@ def test_worker_reports_a_bad_stage_module():
 def test_port_file_is_written(worker):
     with open(os.path.join(worker._workdir.name, "port")) as f:
         assert int(f.read()) == worker.port
+
+
+def test_worker_exits_when_its_parent_dies(tmp_path):
+    """A worker started with --exit-with-parent does not outlive a parent killed outright."""
+    import signal
+
+    import psutil
+
+    token = tmp_path / "token"
+    token.write_text("t")
+    # The parent: a shell that starts the worker in the background, prints its pid, then waits;
+    # the worker's ready line comes through the same pipe.
+    parent = subprocess.Popen(
+        ["bash", "-c", f"{sys.executable} -m ferry worker --token-file {token} --exit-with-parent 2>/dev/null & "
+                       "echo $!; wait"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    worker = psutil.Process(int(parent.stdout.readline()))
+    port = int(parent.stdout.readline().strip().split("=")[1])
+    with WorkerClient(f"127.0.0.1:{port}", "t") as c:
+        assert c.health() == "SERVING"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    parent.stdout.close()
+    worker.wait(timeout=30)
+    assert not worker.is_running()

@@ -64,8 +64,23 @@ def cmd_worker(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.exit_with_parent:
+        threading.Thread(target=_watch_parent, args=(os.getppid(), stopping, server, args.grace),
+                         name="ferry-parent-watch", daemon=True).start()
     server.wait_for_termination()
     return 0
+
+
+def _watch_parent(parent: int, stopping: threading.Event, server, grace: float) -> None:
+    # A worker whose JVM was killed outright (SIGKILL, OOM killer) would otherwise live on; when
+    # the parent dies the worker is re-parented, so its parent pid changes. (PR_SET_PDEATHSIG
+    # would fire when the JVM *thread* that started us exits, and Spark retires idle threads.)
+    while not stopping.wait(1.0):
+        if os.getppid() != parent:
+            log.warning("parent process %d is gone: stopping the worker", parent)
+            stopping.set()
+            server.stop(grace=grace)
+            return
 
 
 def cmd_stages(args) -> int:
@@ -100,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--stages", help="comma-separated Python modules that register more stages")
     w.add_argument("--threads", type=int, default=8, help="concurrent calls (default 8)")
     w.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on SIGTERM")
+    w.add_argument("--exit-with-parent", action="store_true",
+                   help="stop when the process that started the worker dies (used by the JVM pool)")
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("stages", help="list the registered stages and their params")

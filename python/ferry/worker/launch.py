@@ -60,7 +60,7 @@ def start_worker(python: str | None = None, stages: Sequence[str] = (), timeout:
     with os.fdopen(fd, "w") as f:
         f.write(token)
     cmd = [python or sys.executable, "-m", "ferry", "worker", "--host", "127.0.0.1", "--port", "0",
-           "--token-file", token_file, "--port-file", os.path.join(workdir.name, "port")]
+           "--token-file", token_file, "--port-file", os.path.join(workdir.name, "port"), "--exit-with-parent"]
     if stages:
         cmd += ["--stages", ",".join(stages)]
     stderr_path = os.path.join(workdir.name, "stderr.log")
