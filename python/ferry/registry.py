@@ -230,7 +230,12 @@ def stages() -> list[Stage]:
 
 def _load_builtins():
     # Importing the stage modules registers them; deferred so `import ferry.registry` stays cheap.
-    import ferry.stages  # noqa: F401
+    import importlib
+
+    from ferry.stages import BUILTIN
+
+    for module in BUILTIN:
+        importlib.import_module(module)
 
 
 def params_to_json(params: Mapping[str, Any]) -> str:

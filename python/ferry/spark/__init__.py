@@ -1,4 +1,11 @@
 """The PySpark path: ferry's stages as pyspark.ml stages, run in-process (no gRPC hop)."""
-from ferry.spark.convolve import Convolve
 
 __all__ = ["Convolve"]
+
+
+def __getattr__(name):
+    # Deferred: executors import ferry.spark's task modules, which must not pay for pyspark.ml.
+    if name == "Convolve":
+        from ferry.spark.convolve import Convolve
+        return Convolve
+    raise AttributeError(f"module 'ferry.spark' has no attribute {name!r}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import scipy.signal
 
 from ferry.arrow import column_numpy, complex_from_columns
 from ferry.errors import InputError, InvalidParamsError
@@ -64,6 +63,8 @@ def _full_convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
             and np.isfinite(x).all() and np.isfinite(kernel).all()):
         # FFT spreads a NaN or inf over its whole block; numpy confines it to the outputs that
         # read it, so non-finite blocks take the direct path below.
+        import scipy.signal  # deferred: a second of import time that short kernels never need
+
         return scipy.signal.oaconvolve(x, kernel, mode="full").astype(np.result_type(x, kernel), copy=False)
     return np.convolve(x, kernel, mode="full")
 
