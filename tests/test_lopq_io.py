@@ -11,8 +11,9 @@ from ferry.errors import InputError
 from ferry.lopq import (UnsafePickleError, format_code_line, parse_text_line, read_fvecs, read_text_vectors,
                         write_fvecs)
 from ferry.stages.lopq.io import loads_vector
+from tests.paths import LOPQ_DATA
 
-OXFORD = "/work/shared/data/lopq/oxford_features.fvecs"
+OXFORD = os.path.join(LOPQ_DATA, "oxford_features.fvecs")
 
 
 def test_oxford_fvecs_reads_as_texmex_says():

@@ -11,8 +11,9 @@ import pytest
 from ferry.errors import InputError, InvalidParamsError
 from ferry.lopq import PCA, LOPQModel, ModelFormatError, codes_to_json
 from ferry.stages.lopq.model import Centroids, nearest
+from tests.paths import LOPQ_DATA
 
-DATA = "/work/shared/data/lopq"
+DATA = LOPQ_DATA
 FIXTURE = os.path.join(DATA, "random_test_model.lopq")
 EXAMPLES = os.path.join(DATA, "random_test_model_examples.jsonl")
 

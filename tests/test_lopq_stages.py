@@ -10,8 +10,11 @@ from ferry import registry
 from ferry.errors import InputError, InvalidParamsError, SchemaError
 from ferry.lopq import LOPQModel, fit
 from ferry.stages.lopq import train as T
+import os
 
-DATA = "/work/shared/data/lopq"
+from tests.paths import LOPQ_DATA
+
+DATA = LOPQ_DATA
 FIXTURE = f"{DATA}/random_test_model.lopq"
 
 

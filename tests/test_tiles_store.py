@@ -193,7 +193,7 @@ def test_store_batches_feed_the_stages(tmp_path):
 # --- Image files --------------------------------------------------------------------------------------
 
 def test_png_files(tmp_path):
-    Image = pytest.importorskip("PIL.Image")
+    from PIL import Image  # the test extra installs pillow
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 255, size=(23, 31, 3)).astype(np.uint8)
     gray16 = rng.integers(0, 65535, size=(17, 9)).astype(np.uint16)
@@ -210,7 +210,7 @@ def test_png_files(tmp_path):
 
 @pytest.mark.parametrize("compression", [None, "zlib"])
 def test_tiff_files(tmp_path, compression):
-    tifffile = pytest.importorskip("tifffile")
+    import tifffile  # the test extra installs it
     rng = np.random.default_rng(6)
     f32 = rng.standard_normal((40, 33)).astype(np.float32)
     i16 = rng.integers(-1000, 1000, size=(12, 20, 4)).astype(np.int16)
