@@ -180,6 +180,10 @@ def run_process(cmd: list[str], log: Path, timeout: float, env: dict | None = No
             raise
         wall = time.perf_counter() - t0
         peak = sampler.stop()
+        try:   # whatever the case left running in its process group (e.g. workers of a crashed JVM)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     return {"wall_s": wall, "peak_mb": peak / 2**20, "returncode": proc.returncode, "timed_out": timed_out}
 
 
