@@ -290,7 +290,8 @@ def child_sweep(a: dict) -> None:
             for name, fn in (("numpy", lambda: np.convolve(x, k, mode="full")),
                              ("oaconvolve", lambda: scipy.signal.oaconvolve(x, k, mode="full"))):
                 best, runs, t_all = math.inf, 0, time.perf_counter()
-                while runs < 5 and (runs < 3 or time.perf_counter() - t_all < 2.0):
+                most = a.get("repeats", 5)
+                while runs < most and (runs < 3 or time.perf_counter() - t_all < 2.0 * most / 5):
                     t = time.perf_counter()
                     fn()
                     best = min(best, time.perf_counter() - t)
@@ -418,6 +419,12 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         return res
 
+    def sweep(self) -> dict:
+        a = self.args
+        taps = sorted(set(SWEEP_TAPS) | set(a.sweep_extra_taps))
+        proc, rows = self.child("sweep", {"lengths": a.sweep_lengths, "taps": taps, "repeats": a.sweep_repeats}, 3600)
+        return {"rows": rows or [], "error": proc.get("error"), "repeats": a.sweep_repeats}
+
     # the whole run
 
     def run(self) -> dict:
@@ -491,8 +498,7 @@ class Bench:
             shutil.rmtree(n_dir, ignore_errors=True)
         if not a.skip_sweep:
             self.say("kernel-length sweep: numpy.convolve vs scipy.signal.oaconvolve")
-            proc, rows = self.child("sweep", {"lengths": a.sweep_lengths, "taps": list(SWEEP_TAPS)}, 3600)
-            result["sweep"] = {"rows": rows or [], "error": proc.get("error")}
+            result["sweep"] = self.sweep()
         result["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         result["machine"]["load_at_end"] = list(os.getloadavg())
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -567,6 +573,10 @@ def _fmt_s(v):
     return "—" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
+def _load(r):
+    return "—" if r.get("load1_before") is None else f"{r['load1_before']:.1f}"
+
+
 def _get(case, method):
     for r in case["results"]:
         if r.get("method") == method:
@@ -617,7 +627,7 @@ def sweep_summary(sweep: dict | None) -> list[str]:
     for r in sweep["rows"]:
         by_n.setdefault(r["n"], []).append(r)
     for n, rows in by_n.items():
-        lines += [f"N = {n:,} (complex128, mode 'full', best of up to 5 runs):", "",
+        lines += [f"N = {n:,} (complex128, mode 'full', best of up to {sweep.get('repeats', 5)} runs):", "",
                   "| taps | numpy.convolve s | M samples/s | oaconvolve s | M samples/s | faster |",
                   "|---:|---:|---:|---:|---:|---|"]
         for r in rows:
@@ -674,7 +684,8 @@ def render_md(result: dict) -> str:
          "process's peak RSS during the call (input array and libraries included). **x floor** = "
          "seconds / the Spark floor's seconds (same N and taps). **seed ÷ this** = the seed "
          "method's seconds / this method's seconds. **max rel error** = max|y − numpy| / max|numpy|, "
-         "from the written Parquet read back and sorted by id.", ""]
+         "from the written Parquet read back and sorted by id. **load** = the 1-minute load average "
+         "just before the case started (2 cores: above 2, other work was competing).", ""]
     L += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     L += [f"| {t} | {meas} | {verdict} |" for t, meas, verdict in targets(result)]
     L += [""]
@@ -689,8 +700,8 @@ def render_md(result: dict) -> str:
         fs = floor.get("seconds") if floor else None
         ss = seed.get("seconds") if seed else None
         L += [f"## N = {n:,}, {taps} taps", "",
-              "| method | seconds | M samples/s | peak MB | x floor | seed ÷ this | max rel error | session s | process s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| method | seconds | M samples/s | peak MB | x floor | seed ÷ this | max rel error | session s | process s | load |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in case["results"]:
             name = LABELS.get(r.get("method"), r.get("method"))
             sec = r.get("seconds")
@@ -702,7 +713,7 @@ def render_md(result: dict) -> str:
                 else:
                     extra = ""
                 L.append(f"| {name} | {why}{extra} | | {r.get('peak_mb', 0):.0f} | | | | | "
-                         f"{_fmt_s(r.get('wall_s'))} |")
+                         f"{_fmt_s(r.get('wall_s'))} | {_load(r)} |")
                 continue
             err = r.get("max_rel_error")
             chk = r.get("check")
@@ -723,7 +734,7 @@ def render_md(result: dict) -> str:
             else:
                 vs_seed = "—"
             L.append(f"| {name} | {_fmt_s(sec)} | {n / sec / 1e6:.2f} | {r.get('peak_mb', 0):.0f} | {xfloor} | "
-                     f"{vs_seed} | {err_txt} | {_fmt_s(r.get('session_s'))} | {_fmt_s(r.get('wall_s'))} |")
+                     f"{vs_seed} | {err_txt} | {_fmt_s(r.get('session_s'))} | {_fmt_s(r.get('wall_s'))} | {_load(r)} |")
         fp = _get(case, "ferry_pyspark")
         if fp and fp.get("plan_s") is not None:
             L += ["", f"ferry via PySpark split: planning pass (`transform`, a read + collect of run edges) "
@@ -760,6 +771,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-scala", action="store_true", help="do not run ferry via Scala (spark-submit)")
     p.add_argument("--skip-identity", action="store_true", help="do not run the mapInArrow identity case")
     p.add_argument("--skip-sweep", action="store_true", help="do not run the kernel-length sweep")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="run only the kernel-length sweep; writes results/convolve_sweep.{json,md}")
+    p.add_argument("--sweep-repeats", type=int, default=5, help="best of up to this many runs per point (default 5)")
+    p.add_argument("--sweep-taps", default="", help="kernel lengths to add to the sweep's list")
     p.add_argument("--assembly", help="ferry assembly jar (default: newest target/scala-2.13/*assembly*.jar)")
     p.add_argument("--scala-args", default="{input} {output} {kernel_npy} {mode}",
                    help="ConvolveDemo's arguments, with {input} {output} {kernel_npy} {kernel_real} "
@@ -783,7 +798,24 @@ def main(argv=None) -> int:
         args.sizes, args.taps = "1e5", "5,64"
     args.sizes, args.taps = parse_list(args.sizes, int), parse_list(args.taps, int)
     args.sweep_lengths = [65536] if args.quick else [1_000_000, 65536]
+    args.sweep_extra_taps = parse_list(args.sweep_taps, int)
     bench = Bench(args)
+    if args.sweep_only:
+        try:
+            sweep = {"started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "machine": machine_facts(), **bench.sweep()}
+        finally:
+            shutil.rmtree(bench.tmp, ignore_errors=True)
+        sweep["machine"]["load_at_end"] = list(os.getloadavg())
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "convolve_sweep.json").write_text(json.dumps(sweep, indent=1) + "\n")
+        text = "\n".join([f"# Kernel-length sweep (separate run, {sweep['started']})", "",
+                          f"Load average at start {sweep['machine']['load_at_start'][0]:.2f}, at end "
+                          f"{sweep['machine']['load_at_end'][0]:.2f}; {sweep['machine']['nproc']} cores.", ""]
+                         + sweep_summary(sweep)) + "\n"
+        (RESULTS / "convolve_sweep.md").write_text(text)
+        print(text)
+        return 0
     try:
         result = bench.run()
     finally:
