@@ -35,7 +35,6 @@ def _read_token(path: str | None) -> str | None:
 
 
 def cmd_worker(args) -> int:
-    from ferry import registry
     from ferry.worker.server import create_server
 
     _import_stage_modules(args.stages)
@@ -50,8 +49,9 @@ def cmd_worker(args) -> int:
         with open(tmp, "w") as f:
             f.write(str(port))
         os.replace(tmp, args.port_file)
-    log.info("ferry worker serving %d stage(s) on %s:%d (pid %d)", len(registry.stages()), args.host, port,
-             os.getpid())
+    # Ready before the other built-in stage modules are imported: the first call that lists or
+    # needs them pays for that, and a JVM waiting on this line to describe a stage does not.
+    log.info("ferry worker serving on %s:%d (pid %d)", args.host, port, os.getpid())
     print(f"FERRY_WORKER_PORT={port}", flush=True)
 
     stopping = threading.Event()

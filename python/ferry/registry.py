@@ -213,6 +213,8 @@ def stage(name: str, *, params: Iterable[Param] = (), output_schema: Callable[[p
 
 def get(name: str) -> Stage:
     """The stage registered under ``name``; raises UnknownStageError listing the known ones."""
+    if name in _STAGES:  # registered already: no need to import every other stage module
+        return _STAGES[name]
     _load_builtins()
     try:
         return _STAGES[name]

@@ -25,8 +25,9 @@ from ferry.registry import Param, require_columns, stage
 MODES = ("full", "same", "valid")
 
 #: Above this many taps a block is convolved by FFT overlap-add (scipy.signal.oaconvolve),
-#: below it directly (numpy.convolve). Measured crossover: benchmarks/convolve (kernel sweep).
-DIRECT_MAX_TAPS = 48
+#: below it directly (numpy.convolve). benchmarks/results/convolve_sweep.md: on 65,536-sample
+#: blocks (one Arrow batch) FFT wins from 8 taps, on 10^6-sample blocks direct wins up to 16-32.
+DIRECT_MAX_TAPS = 16
 
 
 def geometry(n: int, taps: int, mode: str) -> tuple[int, int]:
