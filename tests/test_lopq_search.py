@@ -7,17 +7,9 @@ import pytest
 from ferry.errors import InputError, InvalidParamsError
 from ferry.lopq import LOPQModel, LOPQSearcher, fit, multisequence, read_fvecs
 from tests.paths import LOPQ_DATA
+from tests.synthetic import mixture
 
 OXFORD = os.path.join(LOPQ_DATA, "oxford_features.fvecs")
-
-
-def mixture(n, d, k, seed, centers_seed=0):
-    rng = np.random.default_rng(centers_seed)
-    centers = rng.standard_normal((k, d)) * 3
-    scales = rng.uniform(0.5, 1.5, (k, d))
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(k, size=n)
-    return centers[labels] + rng.standard_normal((n, d)) * scales[labels]
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,7 @@ import pytest
 from ferry.errors import InputError, InvalidParamsError
 from ferry.lopq import LOPQTrainingWarning, fit
 from ferry.stages.lopq import train as T
-
-
-def mixture(n, d, k, seed, centers_seed=0):
-    rng = np.random.default_rng(centers_seed)
-    centers = rng.standard_normal((k, d)) * 3
-    scales = rng.uniform(0.5, 1.5, (k, d))
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(k, size=n)
-    return centers[labels] + rng.standard_normal((n, d)) * scales[labels]
+from tests.synthetic import mixture
 
 
 def random_chunks(X, parts, seed):
