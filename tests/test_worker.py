@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from ferry import arrow
-from ferry.errors import (AuthenticationError, InputError, InvalidParamsError, MissingResourceError, ProtocolError,
-                          SchemaError, StageFailedError, UnknownStageError, WorkerUnavailableError)
+from ferry.errors import (AuthenticationError, InputError, InvalidParamsError, MissingResourceError, SchemaError,
+                          StageFailedError, UnknownStageError, WorkerUnavailableError)
 from ferry.v1 import worker_pb2 as pb
 from ferry.v1 import worker_pb2_grpc as pb_grpc
 from ferry.worker import WorkerClient, start_worker

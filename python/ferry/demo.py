@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,6 @@ def main(args) -> int:
     for path in paths:
         out = os.path.join(work, f"out-{path}")
         if os.path.exists(out):
-            import shutil
             shutil.rmtree(out)
         print(f"  running the {path} path ...", flush=True)
         seconds = (run_scala(jar, inp, out, kernel, args.mode, args.master) if path == "scala"

@@ -240,8 +240,13 @@ def _load_builtins():
         importlib.import_module(module)
 
 
+def to_json(value: Any) -> str:
+    """JSON of a param value or of a params object (numpy arrays become lists)."""
+    return json.dumps(value, allow_nan=True, sort_keys=True, default=_json_default)
+
+
 def params_to_json(params: Mapping[str, Any]) -> str:
-    return json.dumps(dict(params), allow_nan=True, sort_keys=True, default=_json_default)
+    return to_json(dict(params))
 
 
 def _json_default(v):

@@ -8,8 +8,7 @@ import pyarrow as pa
 
 from ferry.arrow import column_numpy, complex_from_columns
 from ferry.errors import InputError
-from ferry.spark.halo_plan import runs_of
-from ferry.stages.convolve import StreamConvolver
+from ferry.stages.convolve import StreamConvolver, runs_of
 
 
 def compute_rows(batches, plan, kernel, mode, n, names):

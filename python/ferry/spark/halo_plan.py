@@ -29,14 +29,6 @@ class Run:
         return self.start + self.length
 
 
-def runs_of(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(start offsets, end offsets) of the maximal +1 runs in ids, in order."""
-    if ids.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    return np.concatenate(([0], breaks)), np.concatenate((breaks, [ids.size]))
-
-
 def check_coverage(runs: list[Run]) -> int:
     """Returns N after checking that the runs tile 0..N-1 exactly; raises InputError otherwise."""
     if not runs:

@@ -48,6 +48,14 @@ def halo_sizes(n: int, taps: int, mode: str) -> tuple[int, int]:
     return taps - 1 - s, s
 
 
+def runs_of(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start offsets, end offsets) of the maximal runs of ids that rise by exactly one."""
+    if ids.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    return np.concatenate(([0], breaks)), np.concatenate((breaks, [ids.size]))
+
+
 def _check_kernel(kernel) -> np.ndarray:
     kernel = np.asarray(kernel)
     if kernel.ndim != 1:
@@ -118,11 +126,9 @@ class StreamConvolver:
                     f"Sample id {int(ids[bad][0])} is outside the series 0..{self.n - 1} (length {self.n}); "
                     "ids must be the sample indices of one series"
                 )
-            # Segment starts: the first row continues the context only if it follows it by one.
-            breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-            starts = np.concatenate(([0], breaks))
-            ends = np.concatenate((breaks, [ids.size]))
-            for a, b in zip(starts, ends):
+            # Each run of +1 ids is a segment; the first one continues the context only if it
+            # follows it by one (checked in _feed_segment).
+            for a, b in zip(*runs_of(ids)):
                 part = self._feed_segment(int(ids[a]), x[a:b], None if halo is None else np.asarray(halo[a:b], bool))
                 if part is not None:
                     outs.append(part)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any, Iterable, Iterator, Mapping
 
 import grpc
@@ -110,7 +111,7 @@ class WorkerClient:
             if first is None:
                 raise ValueError("run() needs a schema when there are no batches")
             schema = first.schema
-            batches = _chain([first], batches)
+            batches = itertools.chain([first], batches)
 
         def requests():
             yield pb.RunRequest(open=pb.Open(stage=stage, params_json=registry.params_to_json(params),
@@ -152,8 +153,3 @@ class WorkerClient:
             schema = self.output_schema(stage, params, table.schema)
             return schema.empty_table()
         return pa.Table.from_batches(out)
-
-
-def _chain(first, rest):
-    yield from first
-    yield from rest

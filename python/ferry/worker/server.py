@@ -56,7 +56,7 @@ def _spec(st: registry.Stage) -> pb.StageSpec:
     return pb.StageSpec(
         name=st.name, version=st.version, kind=_KINDS[st.kind], doc=st.doc, input_doc=st.input_doc,
         params=[pb.ParamSpec(name=p.name, type=p.type, doc=p.doc, required=p.required,
-                             default_json="" if p.required else registry.params_to_json({"v": p.default})[6:-1],
+                             default_json="" if p.required else registry.to_json(p.default),
                              choices=list(p.choices)) for p in st.params],
     )
 
