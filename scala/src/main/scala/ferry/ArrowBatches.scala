@@ -197,18 +197,26 @@ object ArrowBatches {
     private def flush(n: Int): ByteString = {
       var i = 0
       while (i < writers.length) { writers(i).finish(n); i += 1 }
-      root.setRowCount(n)
-      val out = new ByteArrayOutputStream(64 * 1024)
-      val batch = new VectorUnloader(root).getRecordBatch
-      try MessageSerializer.serialize(new WriteChannel(Channels.newChannel(out)), batch)
-      finally batch.close()
-      root.getFieldVectors.asScala.foreach(_.reset())
       lastBatchRows = n
-      UnsafeByteOperations.unsafeWrap(out.toByteArray)
+      serializeAndReset(root, n)
     }
 
     /** Serializes rows that are all known up front into one or more batches (convenience). */
     def writeAll(rows: Iterator[InternalRow]): Seq[ByteString] = batches(rows).toVector
+  }
+
+  /**
+   * The first `rows` rows of `root`'s vectors as one record-batch message; the vectors are then
+   * reset (capacity kept) for the next batch.
+   */
+  def serializeAndReset(root: VectorSchemaRoot, rows: Int): ByteString = {
+    root.setRowCount(rows)
+    val out = new ByteArrayOutputStream(64 * 1024)
+    val batch = new VectorUnloader(root).getRecordBatch
+    try MessageSerializer.serialize(new WriteChannel(Channels.newChannel(out)), batch)
+    finally batch.close()
+    root.getFieldVectors.asScala.foreach(_.reset())
+    UnsafeByteOperations.unsafeWrap(out.toByteArray)
   }
 
   private def countBuffers(f: Field): Int = {
@@ -353,6 +361,13 @@ object ArrowBatches {
       while (it.hasNext) { out(i) = toUnsafe(it.next()).copy(); i += 1 }
       out.iterator
     }
+
+    /**
+     * The rows of one message without copying: one reused row view over the Arrow vectors, valid
+     * until the next `load` or `close`. Spark operators that keep rows copy them (the
+     * `InternalRow` contract), and a scan projects each row as it is taken.
+     */
+    def batchRows(message: ByteString): Iterator[InternalRow] = load(message).rowIterator().asScala
 
     /** The rows of one message as external `Row`s (for `createDataFrame` / `mapPartitions`). */
     def externalRows(message: ByteString): Iterator[Row] = {

@@ -1,5 +1,9 @@
 package ferry
 
+import com.google.protobuf.ByteString
+import org.apache.arrow.memory.BufferAllocator
+import org.apache.arrow.vector.{BigIntVector, BitVector, Float8Vector, VectorSchemaRoot}
+import org.apache.arrow.vector.types.pojo.Schema
 import org.apache.spark.broadcast.Broadcast
 import org.apache.spark.ml.Transformer
 import org.apache.spark.ml.param.{DoubleArrayParam, Param, ParamMap, Params}
@@ -7,7 +11,8 @@ import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, I
 import org.apache.spark.rdd.RDD
 import org.apache.spark.sql.{DataFrame, Dataset, Row}
 import org.apache.spark.sql.catalyst.InternalRow
-import org.apache.spark.sql.catalyst.expressions.{GenericRow, SpecificInternalRow}
+import org.apache.spark.sql.vectorized.ColumnarBatch
+import org.apache.spark.sql.ferry.InternalFrames
 import org.apache.spark.sql.functions.{col, lit}
 import org.apache.spark.sql.types._
 import org.slf4j.LoggerFactory
@@ -147,11 +152,10 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
       _.describe(Convolve.Stage, paramsJson(-1L), Some(Convolve.WireSchema)))
     val wire = described.outputSchema.getOrElse(throw new ProtocolException(
       "The worker's Describe of 'convolve' returned no output schema."))
-    Seq("id" -> LongType, "real" -> DoubleType, "imag" -> DoubleType).foreach { case (n, t) =>
-      if (!wire.find(_.name == n).exists(_.dataType == t)) {
-        throw new ProtocolException(s"The worker's 'convolve' stage returns ${wire.simpleString}, expected " +
-          "id bigint, real double, imag double: the worker and this jar are different ferry versions.")
-      }
+    // Its batches become this transformer's rows as they are, so the columns must match in order.
+    if (wire.map(f => f.name -> f.dataType) != Seq("id" -> LongType, "real" -> DoubleType, "imag" -> DoubleType)) {
+      throw new ProtocolException(s"The worker's 'convolve' stage returns ${wire.simpleString}, expected " +
+        "id bigint, real double, imag double: the worker and this jar are different ferry versions.")
     }
     Convolve.outputSchema($(idCol), $(realCol), outputImagCol)
   }
@@ -171,19 +175,26 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     val selected = dataset.select(col(s"`${$(idCol)}`").cast(LongType).as("id"),
       col(s"`${$(realCol)}`").cast(DoubleType).as("real"), imagExpr.as("imag"))
 
-    def plan(rdd: RDD[InternalRow], maxRuns: Int): Array[PartitionPlan] = FerryException.unwrapping {
-      rdd.mapPartitionsWithIndex((pid, rows) => Iterator(planPartition(pid, rows, k, maxRuns, nm))).collect()
+    def plan(source: Convolve.Source, maxRuns: Int): Array[PartitionPlan] = FerryException.unwrapping {
+      source.chunks(nm).mapPartitionsWithIndex((pid, chunks) => Iterator(planPartition(pid, chunks, k, maxRuns)))
+        .collect()
     }
 
-    var rdd = selected.queryExecution.toRdd
-    Convolve.prestartLocal(spark, conf, rdd.getNumPartitions)
-    var plans = plan(rdd, conf.convolveMaxRunsPerPartition)
+    // A columnar scan of the columns as they are (bigint, double, double) is read in column
+    // batches; anything else as rows of the selection with its casts.
+    val direct = if ($(imagCol).isEmpty) None else SampleChunks.columnarSource(
+      dataset.select(col(s"`${$(idCol)}`"), col(s"`${$(realCol)}`"), col(s"`${$(imagCol)}`")))
+    var source = direct.map { case (rdd, ordinals) => Convolve.ColumnarSource(rdd, ordinals) }
+      .getOrElse(Convolve.RowSource(selected.queryExecution.toRdd))
+    Convolve.prestartLocal(spark, conf, source.numPartitions)
+    var plans = plan(source, conf.convolveMaxRunsPerPartition)
     if (plans.exists(_.abandoned)) {
-      val parts = math.max(1, rdd.getNumPartitions)
+      val parts = math.max(1, source.numPartitions)
       Convolve.log.info(s"A partition holds more than ${conf.convolveMaxRunsPerPartition} runs of " +
         s"consecutive ids (${FerryConf.ConvolveMaxRuns}); re-laying out the series by id into $parts partitions.")
-      rdd = selected.repartitionByRange(parts, col("id")).sortWithinPartitions("id").queryExecution.toRdd
-      plans = plan(rdd, Int.MaxValue)
+      source = Convolve.RowSource(selected.repartitionByRange(parts, col("id")).sortWithinPartitions("id")
+        .queryExecution.toRdd)
+      plans = plan(source, Int.MaxValue)
     }
     val m = $(mode)
     val l = taps
@@ -193,8 +204,9 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     }
     val bc = spark.sparkContext.broadcast(computePlan)
     val params = paramsJson(computePlan.n)
-    val out = rdd.mapPartitionsWithIndex((pid, rows) => Convolve.computePartition(pid, rows, bc, params, conf))
-    spark.createDataFrame(out, outSchema)
+    val out = source.chunks(nm).mapPartitionsWithIndex((pid, chunks) =>
+      Convolve.computePartition(pid, chunks, bc, params, conf))
+    InternalFrames.create(spark, out, outSchema)
   }
 
   override def copy(extra: ParamMap): Convolve = defaultCopy(extra)
@@ -234,116 +246,185 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     "time it is computed: cache() or checkpoint() it before Convolve (e.g. when it comes from a random source or " +
     "an unordered shuffle).")
 
+  /** Where a partition's samples come from: Spark rows, or a columnar scan's batches. */
+  private[ferry] sealed trait Source {
+    def numPartitions: Int
+    def chunks(names: Names): RDD[SampleChunk]
+  }
+
+  private[ferry] final case class RowSource(rdd: RDD[InternalRow]) extends Source {
+    def numPartitions: Int = rdd.getNumPartitions
+    def chunks(names: Names): RDD[SampleChunk] =
+      rdd.mapPartitionsWithIndex((pid, rows) => SampleChunks.fromRows(rows, names, pid), preservesPartitioning = true)
+  }
+
+  private[ferry] final case class ColumnarSource(rdd: RDD[ColumnarBatch], ordinals: Array[Int]) extends Source {
+    def numPartitions: Int = rdd.getNumPartitions
+    def chunks(names: Names): RDD[SampleChunk] = rdd.mapPartitionsWithIndex(
+      (pid, batches) => SampleChunks.fromBatches(batches, ordinals, names, pid), preservesPartitioning = true)
+  }
+
   /** Streams one partition's runs with their halos through a pooled worker. */
-  private[ferry] def computePartition(pid: Int, rows: Iterator[InternalRow], bc: Broadcast[ComputePlan],
-      paramsJson: String, conf: FerryConf): Iterator[Row] = {
+  private[ferry] def computePartition(pid: Int, chunks: Iterator[SampleChunk], bc: Broadcast[ComputePlan],
+      paramsJson: String, conf: FerryConf): Iterator[InternalRow] = {
     val runs = bc.value.partitions.getOrElse(pid, Array.empty[RunPlan])
     if (runs.isEmpty) {
-      if (rows.hasNext) throw changed(s"partition $pid was empty when planned and now has rows")
+      if (chunks.exists(_.n > 0)) throw changed(s"partition $pid was empty when planned and now has rows")
       return Iterator.empty
     }
     val runner = new StageRunner(conf, Stage)
     val groups = ConvolvePlan.streamGroups(runs)
     val lastGroup = groups.length - 1
+    val cursor = new ChunkCursor(chunks)
+    // Fixed-width rows (8 + 8 + 8 bytes and two bits) under both batch caps.
+    val rowsPerBatch = math.max(1L, math.min(conf.batchMaxRows.toLong, (conf.batchMaxBytes - 1024) / 25)).toInt
     val output = groups.iterator.zipWithIndex.flatMap { case (group, g) =>
-      val input = new RunInput(pid, group, rows, checkEnd = g == lastGroup)
-      runner.stream(Stage, paramsJson, WireSchema, input)((reader, msg) => toRows(reader, msg))
+      val input = new RunMessages(pid, group, cursor, g == lastGroup, rowsPerBatch, runner.bufferAllocator)
+      runner.streamMessages(Stage, paramsJson, input.schema, input, input)((reader, msg) => reader.batchRows(msg))
     }
-    output ++ new Iterator[Row] { // returns the worker as soon as the output is exhausted
+    output ++ new Iterator[InternalRow] { // returns the worker as soon as the output is exhausted
       def hasNext: Boolean = { runner.close(); false }
-      def next(): Row = throw new NoSuchElementException
+      def next(): InternalRow = throw new NoSuchElementException
     }
   }
 
-  private def toRows(reader: ArrowBatches.Reader, msg: com.google.protobuf.ByteString): Iterator[Row] = {
-    val batch = reader.load(msg)
-    val names = reader.sparkSchema.fieldNames
-    val id = batch.column(names.indexOf("id"))
-    val re = batch.column(names.indexOf("real"))
-    val im = batch.column(names.indexOf("imag"))
-    val n = batch.numRows()
-    val out = new Array[Row](n)
-    var i = 0
-    while (i < n) {
-      out(i) = new GenericRow(Array[Any](id.getLong(i), re.getDouble(i), im.getDouble(i)))
-      i += 1
+  /** A read position in a partition's chunks, shared by the groups of runs streamed in turn. */
+  private final class ChunkCursor(chunks: Iterator[SampleChunk]) {
+    var chunk: SampleChunk = _
+    var pos = 0
+
+    /** Samples left in the current chunk, moving to the next non-empty one; 0 at the end. */
+    def available(): Int = {
+      while ((chunk == null || pos >= chunk.n) && chunks.hasNext) {
+        chunk = chunks.next()
+        pos = 0
+      }
+      if (chunk == null) 0 else chunk.n - pos
     }
-    out.iterator
   }
 
   /**
-   * The rows sent for a group of runs: for each run its left halo (halo = true), its own rows
-   * as they arrive from Spark (halo = false, checked against the plan), then its right halo.
+   * The record batches sent for a group of runs: for each run its left halo (halo = true), its
+   * own samples as they arrive from Spark (halo = false, checked against the plan), then its
+   * right halo. Columns are filled in bulk straight from the chunks.
    */
-  private final class RunInput(pid: Int, runs: Array[RunPlan], rows: Iterator[InternalRow], checkEnd: Boolean)
-    extends Iterator[InternalRow] {
-    private val row = new SpecificInternalRow(Seq(LongType, DoubleType, DoubleType, BooleanType))
-    private var r = 0 // run index
-    private var phase = 0 // 0 left halo, 1 own rows, 2 right halo
-    private var i = 0L // index within the phase
-    private var ready = false
-
-    private def fill(id: Long, re: Double, im: Double, halo: Boolean): Unit = {
-      row.setLong(0, id)
-      row.setDouble(1, re)
-      row.setDouble(2, im)
-      row.setBoolean(3, halo)
-      ready = true
+  private final class RunMessages(pid: Int, runs: Array[RunPlan], in: ChunkCursor, checkEnd: Boolean,
+      rowsPerBatch: Int, allocator: BufferAllocator) extends Iterator[ByteString] with AutoCloseable {
+    val schema: Schema = ArrowBatches.toArrowSchema(WireSchema, Stage)
+    private val root = VectorSchemaRoot.create(schema, allocator)
+    private val idV = root.getVector(0).asInstanceOf[BigIntVector]
+    private val reV = root.getVector(1).asInstanceOf[Float8Vector]
+    private val imV = root.getVector(2).asInstanceOf[Float8Vector]
+    private val haloV = root.getVector(3).asInstanceOf[BitVector]
+    root.getFieldVectors.forEach { v =>
+      v.setInitialCapacity(rowsPerBatch)
+      v.allocateNew()
     }
+    private var r = 0 // run index
+    private var phase = 0 // 0 left halo, 1 own samples, 2 right halo
+    private var i = 0L // index within the phase
+    private var endChecked = false
 
-    private def sameBits(a: Double, b: Double) = java.lang.Double.doubleToLongBits(a) == java.lang.Double.doubleToLongBits(b)
-
-    override def hasNext: Boolean = {
-      while (!ready && r < runs.length) {
+    /** Skips finished phases; false when every run is sent (then checks the partition ended too). */
+    private def settle(): Boolean = {
+      while (r < runs.length) {
         val p = runs(r)
-        val run = p.run
-        phase match {
-          case 0 =>
-            if (i < p.leftRe.length) {
-              fill(p.leftStart + i, p.leftRe(i.toInt), p.leftIm(i.toInt), halo = true)
-              i += 1
-            } else { phase = 1; i = 0 }
-          case 1 =>
-            if (i < run.length) {
-              val expected = run.start + i
-              if (!rows.hasNext) throw changed(s"partition $pid ended before id $expected")
-              val in = rows.next()
-              if (in.isNullAt(0) || in.getLong(0) != expected) {
-                throw changed(s"partition $pid gave id ${if (in.isNullAt(0)) "null" else in.getLong(0)} where the " +
-                  s"plan had id $expected")
-              }
-              if (in.isNullAt(1) || in.isNullAt(2)) throw changed(s"id $expected became null")
-              val re = in.getDouble(1)
-              val im = in.getDouble(2)
-              val h = run.headRe.length
-              if ((i < h && !(sameBits(re, run.headRe(i.toInt)) && sameBits(im, run.headIm(i.toInt)))) ||
-                (i >= run.length - h && {
-                  val t = (i - (run.length - h)).toInt
-                  !(sameBits(re, run.tailRe(t)) && sameBits(im, run.tailIm(t)))
-                })) {
-                throw changed(s"the value of id $expected differs")
-              }
-              fill(expected, re, im, halo = false)
-              i += 1
-            } else { phase = 2; i = 0 }
-          case _ =>
-            if (i < p.rightRe.length) {
-              fill(run.end + i, p.rightRe(i.toInt), p.rightIm(i.toInt), halo = true)
-              i += 1
-            } else { phase = 0; i = 0; r += 1 }
+        val size = phase match {
+          case 0 => p.leftRe.length.toLong
+          case 1 => p.run.length
+          case _ => p.rightRe.length.toLong
+        }
+        if (i < size) return true
+        phase += 1
+        i = 0
+        if (phase == 3) { phase = 0; r += 1 }
+      }
+      if (checkEnd && !endChecked) {
+        endChecked = true
+        if (in.available() > 0) {
+          throw changed(s"partition $pid has more rows than planned (id ${in.chunk.ids(in.pos)})")
         }
       }
-      if (!ready && checkEnd && rows.hasNext) {
-        val extra = rows.next()
-        throw changed(s"partition $pid has more rows than planned (id ${if (extra.isNullAt(0)) "null" else extra.getLong(0)})")
-      }
-      ready
+      false
     }
 
-    override def next(): InternalRow = {
-      if (!hasNext) throw new NoSuchElementException
-      ready = false
-      row
+    override def hasNext: Boolean = settle()
+
+    override def next(): ByteString = {
+      if (!settle()) throw new NoSuchElementException
+      var n = 0
+      while (n < rowsPerBatch && settle()) {
+        val p = runs(r)
+        phase match {
+          case 0 => n = halo(n, p.leftStart + i, p.leftRe, p.leftIm)
+          case 1 => n = own(n, p.run)
+          case _ => n = halo(n, p.run.end + i, p.rightRe, p.rightIm)
+        }
+      }
+      ArrowBatches.serializeAndReset(root, n)
     }
+
+    private def halo(n: Int, firstId: Long, re: Array[Double], im: Array[Double]): Int = {
+      val m = math.min(rowsPerBatch - n, re.length - i.toInt)
+      val from = i.toInt
+      var j = 0
+      while (j < m) {
+        idV.set(n + j, firstId + j)
+        reV.set(n + j, re(from + j))
+        imV.set(n + j, im(from + j))
+        haloV.set(n + j, 1)
+        j += 1
+      }
+      i += m
+      n + m
+    }
+
+    private def own(n: Int, run: RunInfo): Int = {
+      val expected = run.start + i
+      val avail = in.available()
+      if (avail == 0) throw changed(s"partition $pid ended before id $expected")
+      val m = math.min(math.min(rowsPerBatch - n, avail).toLong, run.length - i).toInt
+      val c = in.chunk
+      val off = in.pos
+      var j = 0
+      while (j < m) {
+        if (c.ids(off + j) != expected + j) {
+          throw changed(s"partition $pid gave id ${c.ids(off + j)} where the plan had id ${expected + j}")
+        }
+        j += 1
+      }
+      // The samples recorded by the planning pass must read the same now.
+      val h = run.headRe.length
+      def check(sampleFrom: Long, sampleUntil: Long, recRe: Array[Double], recIm: Array[Double], recFirst: Long): Unit = {
+        var s = math.max(sampleFrom, i)
+        val until = math.min(sampleUntil, i + m)
+        while (s < until) {
+          val at = off + (s - i).toInt
+          val q = (s - recFirst).toInt
+          if (!(sameBits(c.re(at), recRe(q)) && sameBits(c.im(at), recIm(q)))) {
+            throw changed(s"the value of id ${run.start + s} differs")
+          }
+          s += 1
+        }
+      }
+      check(0, h, run.headRe, run.headIm, 0)
+      check(run.length - h, run.length, run.tailRe, run.tailIm, run.length - h)
+      j = 0
+      while (j < m) {
+        idV.set(n + j, expected + j)
+        reV.set(n + j, c.re(off + j))
+        imV.set(n + j, c.im(off + j))
+        haloV.set(n + j, 0)
+        j += 1
+      }
+      in.pos += m
+      i += m
+      n + m
+    }
+
+    private def sameBits(a: Double, b: Double) =
+      java.lang.Double.doubleToLongBits(a) == java.lang.Double.doubleToLongBits(b)
+
+    override def close(): Unit = root.close()
   }
 }

@@ -2,8 +2,6 @@ package ferry
 
 import scala.collection.mutable.ArrayBuffer
 
-import org.apache.spark.sql.catalyst.InternalRow
-
 /**
  * The JVM-only planning of [[Convolve]]: where the samples of a series are, and which
  * neighbouring samples (halos) each block needs, computed without Python.
@@ -48,10 +46,10 @@ private[ferry] object ConvolvePlan {
   final case class Names(id: String, real: String, imag: String)
 
   /**
-   * Plans one partition of (id bigint, real double, imag double) rows. Stops early, returning an
-   * abandoned plan, when the partition holds more than `maxRuns` runs.
+   * Plans one partition's samples. Stops early, returning an abandoned plan, when the partition
+   * holds more than `maxRuns` runs.
    */
-  def planPartition(partition: Int, rows: Iterator[InternalRow], k: Int, maxRuns: Int, names: Names): PartitionPlan = {
+  def planPartition(partition: Int, chunks: Iterator[SampleChunk], k: Int, maxRuns: Int): PartitionPlan = {
     val runs = ArrayBuffer.empty[RunInfo]
     val headRe = new Array[Double](k)
     val headIm = new Array[Double](k)
@@ -78,42 +76,52 @@ private[ferry] object ConvolvePlan {
       len = 0
     }
 
-    while (rows.hasNext) {
-      val row = rows.next()
-      if (row.isNullAt(0)) {
-        throw new InvalidInputException("convolve", s"Column '${names.id}' is null at row $rowIndex of partition " +
-          s"$partition; every sample needs an id in 0..N-1. Drop or fill the rows with null ids first.")
-      }
-      val id = row.getLong(0)
-      if (row.isNullAt(1)) throw nullValue(names.real, id)
-      if (row.isNullAt(2)) throw nullValue(names.imag, id)
-      val re = row.getDouble(1)
-      val im = row.getDouble(2)
-      if (len == 0 || id != prev + 1) {
-        close()
-        if (runs.length >= maxRuns) return PartitionPlan(partition, Array.empty, abandoned = true, rowIndex)
-        start = id
-      }
-      if (k > 0) {
-        if (len < k) {
-          headRe(len.toInt) = re
-          headIm(len.toInt) = im
+    while (chunks.hasNext) {
+      val c = chunks.next()
+      var i = 0
+      while (i < c.n) {
+        val id = c.ids(i)
+        if (len == 0 || id != prev + 1) {
+          close()
+          if (runs.length >= maxRuns) return PartitionPlan(partition, Array.empty, abandoned = true, rowIndex)
+          start = id
         }
-        val pos = (len % k).toInt
-        tailRe(pos) = re
-        tailIm(pos) = im
+        // Only a run's first and last k samples are kept: inside a long run, skip to its last k.
+        var stretch = 1
+        if (len >= k) {
+          val limit = c.n - i
+          while (stretch < limit && c.ids(i + stretch) == id + stretch) stretch += 1
+          val skip = math.max(0, stretch - k)
+          if (skip > 0) {
+            i += skip
+            len += skip
+            rowIndex += skip
+            stretch -= skip
+            prev = c.ids(i - 1)
+          }
+        }
+        var j = 0
+        while (j < stretch) {
+          if (k > 0) {
+            if (len < k) {
+              headRe(len.toInt) = c.re(i)
+              headIm(len.toInt) = c.im(i)
+            }
+            val pos = (len % k).toInt
+            tailRe(pos) = c.re(i)
+            tailIm(pos) = c.im(i)
+          }
+          prev = c.ids(i)
+          len += 1
+          rowIndex += 1
+          i += 1
+          j += 1
+        }
       }
-      len += 1
-      prev = id
-      rowIndex += 1
     }
     close()
     PartitionPlan(partition, runs.toArray, abandoned = false, rowIndex)
   }
-
-  private def nullValue(col: String, id: Long) =
-    new InvalidInputException("convolve", s"Column '$col' is null at id $id; Convolve needs a value for every " +
-      "sample. Fill the nulls (e.g. na.fill(0.0)) or drop those rows and renumber the ids.")
 
   /**
    * Checks that the runs of all partitions tile 0..N-1 exactly and builds each run's halos:

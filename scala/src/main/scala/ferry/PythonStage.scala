@@ -6,6 +6,7 @@ import org.apache.spark.ml.param.{Param, ParamMap, Params, StringArrayParam}
 import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, Identifiable}
 import org.apache.spark.sql.{DataFrame, Dataset, Encoders, SparkSession}
 import org.apache.spark.sql.catalyst.InternalRow
+import org.apache.spark.sql.ferry.InternalFrames
 import org.apache.spark.sql.functions.col
 import org.apache.spark.sql.types.StructType
 
@@ -102,15 +103,16 @@ class PythonStage(override val uid: String) extends Transformer with PythonStage
     if (dataset.isStreaming) {
       selected.mapPartitions { rows =>
         val toInternal = ArrowBatches.internalConverter(inSchema)
-        PythonStage.runPartition(conf, stage, params, inSchema, rows.map(toInternal))
+        PythonStage.runPartition(conf, stage, params, inSchema, rows.map(toInternal))(
+          (reader, msg) => reader.externalRows(msg))
       }(Encoders.row(outSchema))
     } else {
       val input = selected.queryExecution.toRdd
       Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
       val rdd = input.mapPartitions { rows =>
-        PythonStage.runPartition(conf, stage, params, inSchema, rows)
+        PythonStage.runPartition(conf, stage, params, inSchema, rows)((reader, msg) => reader.batchRows(msg))
       }
-      dataset.sparkSession.createDataFrame(rdd, outSchema)
+      InternalFrames.create(dataset.sparkSession, rdd, outSchema)
     }
   }
 
@@ -125,10 +127,10 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
   private[ferry] def activeConf: FerryConf =
     SparkSession.getActiveSession.orElse(SparkSession.getDefaultSession).map(FerryConf.get).getOrElse(FerryConf.defaults)
 
-  private[ferry] def runPartition(conf: FerryConf, stage: String, paramsJson: String, schema: StructType,
-      rows: Iterator[InternalRow]): Iterator[org.apache.spark.sql.Row] = {
+  private[ferry] def runPartition[T](conf: FerryConf, stage: String, paramsJson: String, schema: StructType,
+      rows: Iterator[InternalRow])(convert: (ArrowBatches.Reader, com.google.protobuf.ByteString) => Iterator[T]): Iterator[T] = {
     val runner = new StageRunner(conf, stage)
-    try runner.stream(stage, paramsJson, schema, rows)((reader, msg) => reader.externalRows(msg)) ++
+    try runner.stream(stage, paramsJson, schema, rows)(convert) ++
       new Iterator[Nothing] { // closes the runner (returns the worker) as soon as the output is exhausted
         def hasNext: Boolean = { runner.close(); false }
         def next(): Nothing = throw new NoSuchElementException

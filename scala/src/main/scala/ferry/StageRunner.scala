@@ -4,6 +4,7 @@ import scala.util.control.NonFatal
 
 import com.google.protobuf.ByteString
 import org.apache.arrow.memory.BufferAllocator
+import org.apache.arrow.vector.types.pojo.Schema
 import org.apache.spark.TaskContext
 import org.apache.spark.sql.catalyst.InternalRow
 import org.apache.spark.sql.types.StructType
@@ -35,19 +36,31 @@ private[ferry] final class StageRunner(conf: FerryConf, name: String) extends Au
   def stream[T](stage: String, paramsJson: String, schema: StructType, rows: Iterator[InternalRow])(
       convert: (ArrowBatches.Reader, ByteString) => Iterator[T]): Iterator[T] = {
     val writer = new ArrowBatches.Writer(schema, allocator, conf.batchMaxRows, conf.batchMaxBytes, stage)
+    streamMessages(stage, paramsJson, writer.arrowSchema, writer.batches(rows), writer)(convert)
+  }
+
+  /** The allocator of this runner's Arrow buffers, for callers that build their own batches. */
+  def bufferAllocator: BufferAllocator = allocator
+
+  /**
+   * Runs `stage` over record-batch `messages` of `schema` in one Run stream; `input` (which
+   * owns the buffers behind the messages) is closed with the stream.
+   */
+  def streamMessages[T](stage: String, paramsJson: String, schema: Schema, messages: Iterator[ByteString],
+      input: AutoCloseable)(convert: (ArrowBatches.Reader, ByteString) => Iterator[T]): Iterator[T] = {
     var run: RunStream = null
     var reader: ArrowBatches.Reader = null
     val resources = new AutoCloseable {
       override def close(): Unit = {
         if (run != null) run.close()
         if (reader != null) reader.close()
-        writer.close()
+        input.close()
       }
     }
     current = Some(resources)
     try {
-      run = guard(lease.client.run(stage, paramsJson, ArrowBatches.serializeSchema(writer.arrowSchema),
-        writer.batches(rows), conf.maxInFlight))
+      run = guard(lease.client.run(stage, paramsJson, ArrowBatches.serializeSchema(schema), messages,
+        conf.maxInFlight))
       reader = new ArrowBatches.Reader(run.outputSchema, allocator, stage)
     } catch {
       case NonFatal(e) =>
