@@ -16,6 +16,8 @@ class ConvolveDemoSuite extends AnyFunSuite with SparkSuite {
     assert(a.input == "in" && a.output == "out" && a.kernelFile.contains("k.npy") && a.mode == "full")
     val b = ConvolveDemo.parse(Seq("in", "out", "--kernel-real", "1,2", "--kernel-imag", "0,1", "--imag-col", ""))
     assert(b.kernelReal.get.toSeq == Seq(1.0, 2.0) && b.kernelImag.get.toSeq == Seq(0.0, 1.0) && b.imagCol == "")
+    assert(b.repeat == 1 && ConvolveDemo.parse(Seq("in", "out", "k.npy", "--repeat", "3")).repeat == 3)
+    intercept[IllegalArgumentException](ConvolveDemo.parse(Seq("in", "out", "k.npy", "--repeat", "0")))
     intercept[IllegalArgumentException](ConvolveDemo.parse(Seq("in", "out")))
     intercept[IllegalArgumentException](ConvolveDemo.parse(Seq("in")))
   }

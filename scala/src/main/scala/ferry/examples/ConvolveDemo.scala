@@ -21,6 +21,8 @@ import org.apache.spark.sql.SparkSession
  *   --kernel-real a,b,c    the kernel inline instead of a file (with --kernel-imag d,e,f for a complex one)
  *   --mode full|same|valid numpy.convolve mode (default same; also accepted as the 4th positional argument)
  *   --id-col C --real-col C --imag-col C   input columns (defaults id, real, imag; --imag-col "" = real series)
+ *   --repeat R             run the job R times in the same session, one result line each (the first
+ *                          pays the JVM's warm-up; the later ones show the steady state)
  * }}}
  *
  * Prints one machine-readable line when done:
@@ -38,12 +40,13 @@ object ConvolveDemo {
       mode: String = "same",
       idCol: String = "id",
       realCol: String = "real",
-      imagCol: String = "imag")
+      imagCol: String = "imag",
+      repeat: Int = 1)
 
   private val Usage =
     """usage: ConvolveDemo <input.parquet> <output.parquet> [<kernel.npy|.json|.txt>] [<mode>]
       |         [--kernel-real a,b,c [--kernel-imag d,e,f]] [--mode full|same|valid]
-      |         [--id-col id] [--real-col real] [--imag-col imag]""".stripMargin
+      |         [--id-col id] [--real-col real] [--imag-col imag] [--repeat R]""".stripMargin
 
   def parse(argv: Seq[String]): Args = {
     def list(s: String): Array[Double] = s.split(",").map(_.trim).filter(_.nonEmpty).map(_.toDouble)
@@ -59,6 +62,8 @@ object ConvolveDemo {
         case "--id-col" :: v :: tail => a = a.copy(idCol = v); rest = tail
         case "--real-col" :: v :: tail => a = a.copy(realCol = v); rest = tail
         case "--imag-col" :: v :: tail => a = a.copy(imagCol = v); rest = tail
+        case "--repeat" :: v :: tail if v.forall(_.isDigit) && v.nonEmpty && v.toInt >= 1 =>
+          a = a.copy(repeat = v.toInt); rest = tail
         case ("-h" | "--help") :: _ => throw new IllegalArgumentException(Usage)
         case flag :: _ if flag.startsWith("--") =>
           throw new IllegalArgumentException(s"unknown or incomplete option $flag\n$Usage")
@@ -134,11 +139,12 @@ object ConvolveDemo {
   }
 
   /** What one run measured. */
-  final case class Result(seconds: Double, samples: Long, outputs: Long, taps: Int, mode: String, partitions: Int) {
+  final case class Result(seconds: Double, samples: Long, outputs: Long, taps: Int, mode: String, partitions: Int,
+      run: Int = 1) {
     def line: String =
       f"""FERRY_DEMO_RESULT {"path":"scala","seconds":$seconds%.3f,"samples":$samples,""" +
         f""""samples_per_second":${samples / seconds}%.1f,"outputs":$outputs,"taps":$taps,""" +
-        s""""mode":"$mode","partitions":$partitions}"""
+        s""""mode":"$mode","partitions":$partitions,"run":$run}"""
   }
 
   /** Reads, convolves and writes; the seconds cover the whole job. */
@@ -166,7 +172,7 @@ object ConvolveDemo {
           sys.exit(2)
       }
     val spark = SparkSession.builder().appName("ferry ConvolveDemo").getOrCreate()
-    try println(run(spark, args).line)
+    try (1 to args.repeat).foreach(i => println(run(spark, args).copy(run = i).line))
     finally spark.stop()
   }
 }
