@@ -114,6 +114,12 @@ def test_encode_over_a_real_worker(client, fixture_resource):
     assert codes_of(out) == codes
     spec = {s.name: s for s in client.list_stages()}
     assert "lopq_encode" in spec and "lopq_train" in spec
+    # A non-nullable id column (as a JVM streaming source sends) comes back as Describe declares it.
+    table = vector_table(ids, X)
+    strict = table.cast(pa.schema([pa.field("id", table.schema.field("id").type, nullable=False),
+                                   table.schema.field("vector")]))
+    out = client.run_table("lopq_encode", {"model": digest}, strict, resources=[digest])
+    assert codes_of(out) == codes and out.schema.field("id").nullable
 
 
 def test_a_pickle_uploaded_as_the_model_fails_with_a_clear_error(client):

@@ -144,7 +144,8 @@ class LopqEncodeStage:
                              f"the model takes {self._model.input_dim}")
         coarse, fine = self._model.encode(X)
         ids = batch.column(self._id)
-        schema = pa.schema([batch.schema.field(self._id), pa.field("coarse", pa.list_(pa.int32())),
+        # The declared id field, not the input's: its nullability must match what Describe promised.
+        schema = pa.schema([pa.field(self._id, ids.type), pa.field("coarse", pa.list_(pa.int32())),
                             pa.field("fine", pa.list_(pa.int32()))])
         return pa.RecordBatch.from_arrays([ids, _list_column(coarse), _list_column(fine)], schema=schema)
 

@@ -93,27 +93,9 @@ class PythonStage(override val uid: String) extends Transformer with PythonStage
 
   override def transform(dataset: Dataset[_]): DataFrame = {
     val d = describe(dataset.schema)
-    val outSchema = d.outputSchema.get
-    val stage = $(stageName)
     val params = if (d.paramsJson.nonEmpty) d.paramsJson else $(paramsJson)
-    val conf = FerryConf.get(dataset.sparkSession)
-    val cols = selectedSchema(dataset.schema).fieldNames
-    val selected = dataset.select(cols.map(c => col(s"`$c`")).toIndexedSeq: _*)
-    val inSchema = selected.schema
-    if (dataset.isStreaming) {
-      selected.mapPartitions { rows =>
-        val toInternal = ArrowBatches.internalConverter(inSchema)
-        PythonStage.runPartition(conf, stage, params, inSchema, rows.map(toInternal))(
-          (reader, msg) => reader.externalRows(msg))
-      }(Encoders.row(outSchema))
-    } else {
-      val input = selected.queryExecution.toRdd
-      Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
-      val rdd = input.mapPartitions { rows =>
-        PythonStage.runPartition(conf, stage, params, inSchema, rows)((reader, msg) => reader.batchRows(msg))
-      }
-      InternalFrames.create(dataset.sparkSession, rdd, outSchema)
-    }
+    PythonStage.execute(dataset, $(stageName), params, selectedSchema(dataset.schema).fieldNames.toSeq,
+      d.outputSchema.get)
   }
 
   override def copy(extra: ParamMap): PythonStage = defaultCopy(extra)
@@ -127,10 +109,37 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
   private[ferry] def activeConf: FerryConf =
     SparkSession.getActiveSession.orElse(SparkSession.getDefaultSession).map(FerryConf.get).getOrElse(FerryConf.defaults)
 
-  private[ferry] def runPartition[T](conf: FerryConf, stage: String, paramsJson: String, schema: StructType,
-      rows: Iterator[InternalRow])(convert: (ArrowBatches.Reader, com.google.protobuf.ByteString) => Iterator[T]): Iterator[T] = {
+  /**
+   * Streams the columns `cols` of `dataset` through the map stage `stage` on pooled workers and
+   * returns its output rows (of `outSchema`, as `Describe` gave it), batch or streaming.
+   * `resources` (e.g. a model) are uploaded once per worker.
+   */
+  private[ferry] def execute(dataset: Dataset[_], stage: String, params: String, cols: Seq[String],
+      outSchema: StructType, resources: Seq[Array[Byte]] = Nil): DataFrame = {
+    val conf = FerryConf.get(dataset.sparkSession)
+    val selected = dataset.select(cols.map(c => col(s"`$c`")): _*)
+    val inSchema = selected.schema
+    if (dataset.isStreaming) {
+      selected.mapPartitions { rows =>
+        val toInternal = ArrowBatches.internalConverter(inSchema)
+        runPartition(conf, stage, params, inSchema, rows.map(toInternal), resources)(
+          (reader, msg) => reader.externalRows(msg))
+      }(Encoders.row(outSchema))
+    } else {
+      val input = selected.queryExecution.toRdd
+      Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
+      val rdd = input.mapPartitions { rows =>
+        runPartition(conf, stage, params, inSchema, rows, resources)((reader, msg) => reader.batchRows(msg))
+      }
+      InternalFrames.create(dataset.sparkSession, rdd, outSchema)
+    }
+  }
+
+  private def runPartition[T](conf: FerryConf, stage: String, paramsJson: String, schema: StructType,
+      rows: Iterator[InternalRow], resources: Seq[Array[Byte]])(
+      convert: (ArrowBatches.Reader, com.google.protobuf.ByteString) => Iterator[T]): Iterator[T] = {
     val runner = new StageRunner(conf, stage)
-    try runner.stream(stage, paramsJson, schema, rows)(convert) ++
+    try runner.stream(stage, paramsJson, schema, rows, resources)(convert) ++
       new Iterator[Nothing] { // closes the runner (returns the worker) as soon as the output is exhausted
         def hasNext: Boolean = { runner.close(); false }
         def next(): Nothing = throw new NoSuchElementException

@@ -33,10 +33,10 @@ private[ferry] final class StageRunner(conf: FerryConf, name: String) extends Au
    * Runs `stage` over `rows` (of `schema`) in one Run stream; `convert` turns each output batch
    * message into values using the stream's reader (rows must be copied out of the batch).
    */
-  def stream[T](stage: String, paramsJson: String, schema: StructType, rows: Iterator[InternalRow])(
-      convert: (ArrowBatches.Reader, ByteString) => Iterator[T]): Iterator[T] = {
+  def stream[T](stage: String, paramsJson: String, schema: StructType, rows: Iterator[InternalRow],
+      resources: Seq[Array[Byte]] = Nil)(convert: (ArrowBatches.Reader, ByteString) => Iterator[T]): Iterator[T] = {
     val writer = new ArrowBatches.Writer(schema, allocator, conf.batchMaxRows, conf.batchMaxBytes, stage)
-    streamMessages(stage, paramsJson, writer.arrowSchema, writer.batches(rows), writer)(convert)
+    streamMessages(stage, paramsJson, writer.arrowSchema, writer.batches(rows), writer, resources)(convert)
   }
 
   /** The allocator of this runner's Arrow buffers, for callers that build their own batches. */
@@ -44,27 +44,32 @@ private[ferry] final class StageRunner(conf: FerryConf, name: String) extends Au
 
   /**
    * Runs `stage` over record-batch `messages` of `schema` in one Run stream; `input` (which
-   * owns the buffers behind the messages) is closed with the stream.
+   * owns the buffers behind the messages) is closed with the stream. `resources` are uploaded to
+   * the worker unless it has them already, and named in the Open by digest.
    */
   def streamMessages[T](stage: String, paramsJson: String, schema: Schema, messages: Iterator[ByteString],
-      input: AutoCloseable)(convert: (ArrowBatches.Reader, ByteString) => Iterator[T]): Iterator[T] = {
+      input: AutoCloseable, resources: Seq[Array[Byte]] = Nil)(
+      convert: (ArrowBatches.Reader, ByteString) => Iterator[T]): Iterator[T] = {
     var run: RunStream = null
     var reader: ArrowBatches.Reader = null
-    val resources = new AutoCloseable {
+    val owned = new AutoCloseable {
       override def close(): Unit = {
         if (run != null) run.close()
         if (reader != null) reader.close()
         input.close()
       }
     }
-    current = Some(resources)
+    current = Some(owned)
     try {
+      val digests = resources.map(r => guard(lease.client.ensureResource(r)))
       run = guard(lease.client.run(stage, paramsJson, ArrowBatches.serializeSchema(schema), messages,
-        conf.maxInFlight))
+        conf.maxInFlight, digests))
       reader = new ArrowBatches.Reader(run.outputSchema, allocator, stage)
     } catch {
       case NonFatal(e) =>
-        resources.close()
+        // A worker restarted since the upload (a remote one) lacks it: the next task uploads again.
+        if (e.isInstanceOf[MissingResourceException]) lease.client.forgetResources()
+        owned.close()
         current = None
         throw e
     }
@@ -75,13 +80,13 @@ private[ferry] final class StageRunner(conf: FerryConf, name: String) extends Au
           try guard(run.hasNext)
           catch {
             case NonFatal(e) =>
-              resources.close()
+              owned.close()
               current = None
               throw e
           }
         if (!more) {
           done = true
-          resources.close()
+          owned.close()
           current = None
         }
         more

@@ -86,10 +86,63 @@ final class WorkerClient private (
    * The returned stream yields the output batch messages in input order.
    */
   def run(stage: String, paramsJson: String, inputSchema: ByteString, inputs: Iterator[ByteString],
-      maxInFlight: Int): RunStream = {
+      maxInFlight: Int, resources: Seq[String] = Nil): RunStream = {
     val stream = new RunStream(this, stage, inputs, maxInFlight)
-    stream.open(async, Open.newBuilder().setStage(stage).setParamsJson(paramsJson).setInputSchema(inputSchema).build())
+    stream.open(async, Open.newBuilder().setStage(stage).setParamsJson(paramsJson).setInputSchema(inputSchema)
+      .addAllResources(resources.asJava).build())
     stream
+  }
+
+  /** Digests of the resources this client uploaded (a worker keeps them for its lifetime). */
+  private val uploaded = java.util.concurrent.ConcurrentHashMap.newKeySet[String]()
+
+  /**
+   * Uploads `data` with `PutResource` unless this client already did, and returns its sha256 hex
+   * digest, the name a stage's Open refers to it by: a model is sent once per worker, not per task.
+   */
+  def ensureResource(data: Array[Byte]): String = {
+    val digest = sha256Hex(data)
+    if (!uploaded.contains(digest)) {
+      putResource(digest, data)
+      uploaded.add(digest)
+    }
+    digest
+  }
+
+  /** Forgets which resources were uploaded (after a worker answered that it lacks one). */
+  def forgetResources(): Unit = uploaded.clear()
+
+  private def putResource(digest: String, data: Array[Byte]): Unit = {
+    val answer = new java.util.concurrent.CompletableFuture[ResourceRef]()
+    val requests = async.withDeadlineAfter(rpcTimeoutMs, TimeUnit.MILLISECONDS).putResource(
+      new io.grpc.stub.StreamObserver[ResourceRef] {
+        override def onNext(value: ResourceRef): Unit = answer.complete(value)
+        override def onError(t: Throwable): Unit = answer.completeExceptionally(t)
+        override def onCompleted(): Unit = ()
+      })
+    // Chunks well under the message limit; the digest travels on the first so the worker can verify.
+    val chunk = math.max(1, math.min(1 << 20, maxMessageBytes / 2))
+    var off = 0
+    do {
+      val n = math.min(chunk, data.length - off)
+      val msg = ResourceChunk.newBuilder().setData(ByteString.copyFrom(data, off, n))
+      if (off == 0) msg.setSha256(digest)
+      requests.onNext(msg.build())
+      off += n
+    } while (off < data.length)
+    requests.onCompleted()
+    val ref =
+      try answer.get(rpcTimeoutMs + 1000, TimeUnit.MILLISECONDS)
+      catch {
+        case e: java.util.concurrent.ExecutionException => throw mapError(e.getCause, target, "PutResource", "")
+        case _: java.util.concurrent.TimeoutException =>
+          throw new WorkerUnavailableException(s"The worker at $target did not acknowledge a ${data.length}-byte " +
+            s"resource within ${rpcTimeoutMs} ms (${FerryConf.RpcTimeout}).", null)
+      }
+    if (ref.getSha256 != digest || ref.getSize != data.length) {
+      throw new ProtocolException(s"The worker at $target stored resource ${ref.getSha256} (${ref.getSize} bytes) " +
+        s"for $digest (${data.length} bytes).", null)
+    }
   }
 
   private def call[T](method: String, stage: String)(body: => T): T =
@@ -116,6 +169,10 @@ final class WorkerClient private (
 }
 
 object WorkerClient {
+
+  /** Lower-case hex sha256 of `data`: how resources are named on the wire. */
+  def sha256Hex(data: Array[Byte]): String =
+    java.security.MessageDigest.getInstance("SHA-256").digest(data).map(b => f"${b & 0xff}%02x").mkString
 
   /** What `Describe` answered. */
   final case class Described(spec: StageSpec, outputSchema: Option[StructType], paramsJson: String)
