@@ -6,6 +6,7 @@ import org.apache.spark.ml.param.{Param, ParamMap, Params, StringArrayParam}
 import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, Identifiable}
 import org.apache.spark.sql.{DataFrame, Dataset, Encoders, SparkSession}
 import org.apache.spark.sql.catalyst.InternalRow
+import org.apache.spark.sql.catalyst.expressions.{BoundReference, UnsafeProjection}
 import org.apache.spark.sql.ferry.InternalFrames
 import org.apache.spark.sql.functions.col
 import org.apache.spark.sql.types.StructType
@@ -133,6 +134,43 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       }
       InternalFrames.create(dataset.sparkSession, rdd, outSchema)
     }
+  }
+
+  /**
+   * Streams each group of rows of `dataset` with equal `keys` through the group stage `stage`,
+   * one Run per group: the rows are shuffled by the keys (`spark.sql.shuffle.partitions`) and
+   * sorted within partitions, so a group's rows arrive together.
+   */
+  private[ferry] def executeGrouped(dataset: Dataset[_], stage: String, params: String, cols: Seq[String],
+      keys: Seq[String], outSchema: StructType): DataFrame = {
+    val conf = FerryConf.get(dataset.sparkSession)
+    val selected = dataset.select(cols.map(c => col(s"`$c`")): _*)
+      .repartition(keys.map(k => col(s"`$k`")): _*).sortWithinPartitions(keys.map(k => col(s"`$k`")): _*)
+    val inSchema = selected.schema
+    val keyOrdinals = keys.map(k => inSchema.fieldIndex(k))
+    val rdd = selected.queryExecution.toRdd.mapPartitions { rows =>
+      val keyOf = UnsafeProjection.create(keyOrdinals.map(i => BoundReference(i, inSchema(i).dataType,
+        inSchema(i).nullable)))
+      // The scan reuses its row objects; a group is told apart by a copy of its first key.
+      val it = rows.map(_.copy()).buffered
+      val runner = new StageRunner(conf, stage)
+      val groups = new Iterator[Iterator[InternalRow]] {
+        def hasNext: Boolean = it.hasNext
+        def next(): Iterator[InternalRow] = {
+          val key = keyOf(it.head).copy()
+          val group = new Iterator[InternalRow] {
+            def hasNext: Boolean = it.hasNext && keyOf(it.head) == key
+            def next(): InternalRow = it.next()
+          }
+          runner.stream(stage, params, inSchema, group)((reader, msg) => reader.batchRows(msg))
+        }
+      }
+      groups.flatten ++ new Iterator[Nothing] { // returns the worker as soon as the output is exhausted
+        def hasNext: Boolean = { runner.close(); false }
+        def next(): Nothing = throw new NoSuchElementException
+      }
+    }
+    InternalFrames.create(dataset.sparkSession, rdd, outSchema)
   }
 
   private def runPartition[T](conf: FerryConf, stage: String, paramsJson: String, schema: StructType,

@@ -1,0 +1,150 @@
+package ferry
+
+import org.apache.spark.ml.Transformer
+import org.apache.spark.ml.param.{IntParam, Param, ParamMap, Params}
+import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, Identifiable}
+import org.apache.spark.sql.{DataFrame, Dataset}
+import org.apache.spark.sql.functions.{max, min}
+import org.apache.spark.sql.types.StructType
+
+/** Params of [[TileReconstruct]]; they mean what the `tiles_emit` / `tiles_reduce` stages' params mean. */
+trait TileReconstructParams extends Params {
+
+  /** Operator: threshold_sum, convolve2d, median, or one registered on the workers (required). */
+  final val operator: Param[String] = new Param[String](this, "operator",
+    "operator: threshold_sum, convolve2d, median, or one registered on the workers (required)",
+    (s: String) => s != null && s.nonEmpty)
+
+  /** JSON object of the operator's params, e.g. {"kernel": [[...]]} or {"size": 3}. Default {}. */
+  final val operatorParamsJson: Param[String] = new Param[String](this, "operatorParamsJson",
+    "JSON object of the operator's params, e.g. {\"kernel\": [[1, 2], [3, 4]]} or {\"size\": 3} (default {})",
+    (s: String) => Json.isObject(s))
+
+  /** scatter (sum of partials; linear operators), gather (halo regions) or auto (default). */
+  final val strategy: Param[String] = new Param[String](this, "strategy",
+    "scatter (sum of partials; linear operators), gather (halo regions) or auto (default)",
+    (s: String) => Set("scatter", "gather", "auto").contains(s))
+
+  /** Neighbourhood radius in tiles; -1 (default) = the operator's own. */
+  final val radius: IntParam = new IntParam(this, "radius",
+    "neighbourhood radius in tiles; -1 (default) = the operator's own", (v: Int) => v >= -1)
+
+  /** Tile size; -1 (default) = from the tile_height / tile_width columns (a tile store has them). */
+  final val tileHeight: IntParam = new IntParam(this, "tileHeight", "tile rows; -1 = from the data", (v: Int) => v >= -1)
+  final val tileWidth: IntParam = new IntParam(this, "tileWidth", "tile columns; -1 = from the data", (v: Int) => v >= -1)
+
+  /** Image size; -1 (default) = from the image_height / image_width columns. */
+  final val imageHeight: IntParam = new IntParam(this, "imageHeight", "image rows; -1 = from the data",
+    (v: Int) => v >= -1)
+  final val imageWidth: IntParam = new IntParam(this, "imageWidth", "image columns; -1 = from the data",
+    (v: Int) => v >= -1)
+
+  setDefault(operatorParamsJson -> "{}", strategy -> "auto", radius -> -1, tileHeight -> -1, tileWidth -> -1,
+    imageHeight -> -1, imageWidth -> -1)
+}
+
+/**
+ * Tiled image reconstruction over a DataFrame of tiles (a ferry tile store read as Parquet:
+ * `image_id, z, x, y, pixels` as .npy bytes, plus `image_height, image_width, tile_height,
+ * tile_width` columns or the matching params). Each source tile is read once by the `tiles_emit`
+ * stage, which sends its partial (linear operators) or its piece of each neighbour's halo region
+ * to every target within the radius; the rows are shuffled by target and each target's rows go
+ * through `tiles_reduce` as one group. The output has one row per output tile:
+ * `image_id, z, x, y, pixels` (.npy). Missing neighbours count as zeros.
+ *
+ * {{{
+ *   val out = new TileReconstruct().setOperator("convolve2d").setKernel(k).transform(spark.read.parquet(store))
+ * }}}
+ */
+class TileReconstruct(override val uid: String) extends Transformer with TileReconstructParams
+  with DefaultParamsWritable {
+
+  def this() = this(Identifiable.randomUID("tileReconstruct"))
+
+  def setOperator(value: String): this.type = set(operator, value)
+  def setOperatorParamsJson(value: String): this.type = set(operatorParamsJson, value)
+  def setStrategy(value: String): this.type = set(strategy, value)
+  def setRadius(value: Int): this.type = set(radius, value)
+  def setTileSize(height: Int, width: Int): this.type = set(tileHeight, height).set(tileWidth, width)
+  def setImageSize(height: Int, width: Int): this.type = set(imageHeight, height).set(imageWidth, width)
+
+  /** The convolution kernel of operator convolve2d (rows of taps). */
+  def setKernel(kernel: Array[Array[Double]]): this.type =
+    set(operatorParamsJson, Json.encode(Map("kernel" -> kernel.map(_.toSeq).toSeq)))
+
+  private def stageParams(tile: (Int, Int)): String = Json.encode(Map(
+    "operator" -> $(operator), "operator_params" -> Json.decodeObject($(operatorParamsJson)),
+    "strategy" -> $(strategy), "radius" -> $(radius), "tile_height" -> tile._1, "tile_width" -> tile._2,
+    "image_height" -> $(imageHeight), "image_width" -> $(imageWidth)))
+
+  private def inputCols(schema: StructType): Seq[String] =
+    TileReconstruct.TileColumns ++ TileReconstruct.GeometryColumns.filter(schema.fieldNames.contains)
+
+  private def checkOperator(): Unit = if (!isDefined(operator)) {
+    throw new InvalidParamsException(TileReconstruct.Emit, "TileReconstruct needs an operator: setOperator(" +
+      "\"convolve2d\" | \"median\" | \"threshold_sum\" | a registered one).")
+  }
+
+  private def checkColumns(schema: StructType): Unit = {
+    val missing = TileReconstruct.TileColumns.filterNot(schema.fieldNames.contains)
+    if (missing.nonEmpty) {
+      throw new SchemaMismatchException(TileReconstruct.Emit, s"TileReconstruct needs the tile columns " +
+        s"${missing.mkString(", ")}; the DataFrame has ${schema.fieldNames.mkString(", ")}. Read a ferry tile " +
+        "store, or give image_id, z, x, y and pixels (.npy bytes).")
+    }
+  }
+
+  override def transformSchema(schema: StructType): StructType = {
+    checkOperator()
+    checkColumns(schema)
+    val pool = WorkerPool.get(PythonStage.activeConf)
+    val tile = ($(tileHeight), $(tileWidth))
+    val emitted = pool.withClient(_.describe(TileReconstruct.Emit, stageParams(tile),
+      Some(StructType(inputCols(schema).map(schema(_)))))).outputSchema.get
+    pool.withClient(_.describe(TileReconstruct.Reduce, stageParams(tile), Some(emitted))).outputSchema.get
+  }
+
+  /** The tile size: the params, or the one size the data's tile_height / tile_width columns hold. */
+  private def tileSize(ds: Dataset[_]): (Int, Int) = {
+    if ($(tileHeight) > 0 && $(tileWidth) > 0) return ($(tileHeight), $(tileWidth))
+    if (!Seq("tile_height", "tile_width").forall(ds.columns.contains)) {
+      throw new InvalidParamsException(TileReconstruct.Emit, "TileReconstruct needs the tile size: call " +
+        "setTileSize(height, width) or give tile_height and tile_width columns (a tile store has them).")
+    }
+    // Metadata columns only: Parquet never reads the pixels for this.
+    val r = ds.agg(min("tile_height"), max("tile_height"), min("tile_width"), max("tile_width")).head()
+    if (r.isNullAt(0)) return (1, 1) // no tiles: any size
+    if (r.getLong(0) != r.getLong(1) || r.getLong(2) != r.getLong(3)) {
+      throw new InvalidInputException(TileReconstruct.Emit, s"The tiles have different tile sizes " +
+        s"(${r.getLong(0)}..${r.getLong(1)} x ${r.getLong(2)}..${r.getLong(3)}); run one TileReconstruct per " +
+        "tile size (filter by tile_height and tile_width).")
+    }
+    (r.getLong(0).toInt, r.getLong(2).toInt)
+  }
+
+  override def transform(dataset: Dataset[_]): DataFrame = {
+    checkOperator()
+    checkColumns(dataset.schema)
+    val tile = tileSize(dataset)
+    val params = stageParams(tile)
+    val cols = inputCols(dataset.schema)
+    val pool = WorkerPool.get(FerryConf.get(dataset.sparkSession))
+    val emitSchema = pool.withClient(_.describe(TileReconstruct.Emit, params,
+      Some(StructType(cols.map(dataset.schema(_)))))).outputSchema.get
+    val outSchema = pool.withClient(_.describe(TileReconstruct.Reduce, params, Some(emitSchema))).outputSchema.get
+    val emitted = PythonStage.execute(dataset, TileReconstruct.Emit, params, cols, emitSchema)
+    PythonStage.executeGrouped(emitted, TileReconstruct.Reduce, params, emitSchema.fieldNames.toSeq,
+      TileReconstruct.TileColumns.take(4), outSchema)
+  }
+
+  override def copy(extra: ParamMap): TileReconstruct = defaultCopy(extra)
+}
+
+object TileReconstruct extends DefaultParamsReadable[TileReconstruct] {
+  val Emit = "tiles_emit"
+  val Reduce = "tiles_reduce"
+  val TileColumns: Seq[String] = Seq("image_id", "z", "x", "y", "pixels")
+  val GeometryColumns: Seq[String] = Seq("image_height", "image_width", "tile_height", "tile_width")
+
+  override def load(path: String): TileReconstruct = super.load(path)
+}

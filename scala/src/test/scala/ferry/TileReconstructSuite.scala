@@ -1,0 +1,99 @@
+package ferry
+
+import java.io.File
+
+import scala.sys.process._
+
+import org.apache.spark.sql.DataFrame
+import org.apache.spark.sql.functions.{col, lit, when}
+import org.scalatest.funsuite.AnyFunSuite
+
+/**
+ * TileReconstruct against the whole-image computation: Python (numpy/scipy, in the venv) writes a
+ * seeded tile store and checks the JVM's output tiles against scipy on the whole images.
+ */
+class TileReconstructSuite extends AnyFunSuite with SparkSuite {
+
+  private lazy val dir = TestSpark.newDir("tiles")
+  private lazy val store: String = {
+    val path = new File(dir, "store.parquet").getAbsolutePath
+    py(s"""
+      |import numpy as np
+      |from ferry.tiles_store import write_images
+      |rng = np.random.default_rng(20261122)
+      |images = {"a": rng.standard_normal((37, 53)), "b": rng.standard_normal((40, 40))}
+      |np.savez(r"${dir}/images.npz", **images)
+      |np.save(r"${dir}/kernel.npy", rng.standard_normal((5, 5)))
+      |write_images(r"$path", images, (16, 16))
+      |""".stripMargin)
+    path
+  }
+
+  private def py(script: String): String = {
+    val out = new StringBuilder
+    val code = Process(Seq(TestSpark.python, "-c", script), None, "PYTHONPATH" -> TestSpark.repo)
+      .!(ProcessLogger(l => out.append(l).append('\n'), l => out.append(l).append('\n')))
+    assert(code == 0, s"python failed:\n$out")
+    out.toString
+  }
+
+  private def kernel: Array[Array[Double]] = {
+    val text = py(s"""import numpy as np; k = np.load(r"$dir/kernel.npy"); print(";".join(",".join(repr(float(v)) for v in r) for r in k))""")
+    text.trim.split(";").map(_.split(",").map(_.toDouble))
+  }
+
+  /** Writes `out` and checks every image's tiles against `oracle` (a Python expression of img). */
+  private def check(out: DataFrame, oracle: String, what: String): Unit = {
+    val path = new File(dir, s"out-${System.nanoTime()}.parquet").getAbsolutePath
+    out.write.parquet(path)
+    py(s"""
+      |import io, numpy as np, pyarrow.parquet as pq, scipy.signal, scipy.ndimage
+      |imgs = np.load(r"$dir/images.npz"); k = np.load(r"$dir/kernel.npy")
+      |t = pq.read_table(r"$path").to_pylist()
+      |for name in imgs.files:
+      |    img = imgs[name]
+      |    want = $oracle
+      |    got = np.full(img.shape, np.nan)
+      |    tiles = [r for r in t if r["image_id"] == name]
+      |    assert len(tiles) == 3 * 4 if name == "a" else len(tiles) == 9, ("$what", name, len(tiles))
+      |    for r in tiles:
+      |        a = np.load(io.BytesIO(r["pixels"]))
+      |        got[r["y"]:r["y"] + a.shape[0], r["x"]:r["x"] + a.shape[1]] = a
+      |    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+      |    assert err <= 1e-9, ("$what", name, err)
+      |""".stripMargin)
+  }
+
+  test("convolve2d and median equal scipy on the whole images, for 1, 3 and 7 shuffle partitions") {
+    val tiles = spark.read.parquet(store)
+    Seq("1", "3", "7").foreach { parts =>
+      withConf("spark.sql.shuffle.partitions" -> parts) {
+        check(new TileReconstruct().setOperator("convolve2d").setKernel(kernel).transform(tiles),
+          "scipy.signal.convolve2d(img, k, mode='same')", s"convolve2d scatter, $parts partitions")
+        check(new TileReconstruct().setOperator("convolve2d").setKernel(kernel).setStrategy("gather").transform(tiles),
+          "scipy.signal.convolve2d(img, k, mode='same')", s"convolve2d gather, $parts partitions")
+        check(new TileReconstruct().setOperator("median").setOperatorParamsJson("""{"size": 3}""").transform(tiles),
+          "scipy.ndimage.median_filter(img, size=3, mode='constant')", s"median, $parts partitions")
+      }
+    }
+  }
+
+  test("bad params, columns and tiles fail with typed exceptions naming the problem") {
+    val tiles = spark.read.parquet(store)
+    assert(intercept[InvalidParamsException](new TileReconstruct().transform(tiles)).getMessage.contains("operator"))
+    val noPixels = intercept[SchemaMismatchException](
+      new TileReconstruct().setOperator("median").transform(tiles.drop("pixels")))
+    assert(noPixels.getMessage.contains("pixels"), noPixels.getMessage)
+    val big = Array.fill(17, 17)(1.0)
+    val tooBig = intercept[InvalidParamsException](
+      new TileReconstruct().setOperator("convolve2d").setKernel(big).transform(tiles))
+    assert(tooBig.getMessage.toLowerCase.contains("kernel"), tooBig.getMessage)
+    val corrupt = tiles.withColumn("pixels",
+      when(col("x") === 16 && col("y") === 0 && col("image_id") === "a", lit(Array[Byte](1, 2, 3)))
+        .otherwise(col("pixels")))
+    val e = intercept[Exception](new TileReconstruct().setOperator("median").transform(corrupt).collect())
+    val f = FerryException.find(e).getOrElse(fail("no FerryException", e))
+    assert(f.isInstanceOf[InvalidInputException], f)
+    assert(f.getMessage.contains("x=16") || f.getMessage.contains("16"), f.getMessage)
+  }
+}
