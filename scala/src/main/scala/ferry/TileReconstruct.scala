@@ -16,7 +16,7 @@ trait TileReconstructParams extends Params {
     (s: String) => s != null && s.nonEmpty)
 
   /** JSON object of the operator's params, e.g. {"kernel": [[...]]} or {"size": 3}. Default {}. */
-  final val operatorParamsJson: Param[String] = new Param[String](this, "operatorParamsJson",
+  final val operatorParams: Param[String] = new Param[String](this, "operatorParams",
     "JSON object of the operator's params, e.g. {\"kernel\": [[1, 2], [3, 4]]} or {\"size\": 3} (default {})",
     (s: String) => Json.isObject(s))
 
@@ -39,7 +39,7 @@ trait TileReconstructParams extends Params {
   final val imageWidth: IntParam = new IntParam(this, "imageWidth", "image columns; -1 = from the data",
     (v: Int) => v >= -1)
 
-  setDefault(operatorParamsJson -> "{}", strategy -> "auto", radius -> -1, tileHeight -> -1, tileWidth -> -1,
+  setDefault(operatorParams -> "{}", strategy -> "auto", radius -> -1, tileHeight -> -1, tileWidth -> -1,
     imageHeight -> -1, imageWidth -> -1)
 }
 
@@ -62,7 +62,7 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   def this() = this(Identifiable.randomUID("tileReconstruct"))
 
   def setOperator(value: String): this.type = set(operator, value)
-  def setOperatorParamsJson(value: String): this.type = set(operatorParamsJson, value)
+  def setOperatorParams(value: String): this.type = set(operatorParams, value)
   def setStrategy(value: String): this.type = set(strategy, value)
   def setRadius(value: Int): this.type = set(radius, value)
   def setTileSize(height: Int, width: Int): this.type = set(tileHeight, height).set(tileWidth, width)
@@ -70,10 +70,10 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
 
   /** The convolution kernel of operator convolve2d (rows of taps). */
   def setKernel(kernel: Array[Array[Double]]): this.type =
-    set(operatorParamsJson, Json.encode(Map("kernel" -> kernel.map(_.toSeq).toSeq)))
+    set(operatorParams, Json.encode(Map("kernel" -> kernel.map(_.toSeq).toSeq)))
 
   private def stageParams(tile: (Int, Int)): String = Json.encode(Map(
-    "operator" -> $(operator), "operator_params" -> Json.decodeObject($(operatorParamsJson)),
+    "operator" -> $(operator), "operator_params" -> Json.decodeObject($(operatorParams)),
     "strategy" -> $(strategy), "radius" -> $(radius), "tile_height" -> tile._1, "tile_width" -> tile._2,
     "image_height" -> $(imageHeight), "image_width" -> $(imageWidth)))
 

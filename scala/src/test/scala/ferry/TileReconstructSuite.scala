@@ -72,7 +72,7 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
           "scipy.signal.convolve2d(img, k, mode='same')", s"convolve2d scatter, $parts partitions")
         check(new TileReconstruct().setOperator("convolve2d").setKernel(kernel).setStrategy("gather").transform(tiles),
           "scipy.signal.convolve2d(img, k, mode='same')", s"convolve2d gather, $parts partitions")
-        check(new TileReconstruct().setOperator("median").setOperatorParamsJson("""{"size": 3}""").transform(tiles),
+        check(new TileReconstruct().setOperator("median").setOperatorParams("""{"size": 3}""").transform(tiles),
           "scipy.ndimage.median_filter(img, size=3, mode='constant')", s"median, $parts partitions")
       }
     }
