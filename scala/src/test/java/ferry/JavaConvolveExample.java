@@ -43,4 +43,21 @@ public final class JavaConvolveExample {
     Dataset<Row> df = spark.range(5).selectExpr("CAST(id AS DOUBLE) AS x");
     return new PythonStage().setStageName("scale").setParams(params).transform(df).orderBy("y").collectAsList();
   }
+
+  /** Encodes vectors (ids 0..n-1) with an LOPQ model file; rows (id, coarse, fine) sorted by id. */
+  public static List<Row> lopqCodes(SparkSession spark, String modelPath, List<double[]> vectors) {
+    List<Row> rows = new ArrayList<>();
+    for (int i = 0; i < vectors.size(); i++) {
+      List<Double> v = new ArrayList<>();
+      for (double x : vectors.get(i)) {
+        v.add(x);
+      }
+      rows.add(RowFactory.create((long) i, v));
+    }
+    StructType schema = new StructType()
+        .add("id", DataTypes.LongType)
+        .add("features", DataTypes.createArrayType(DataTypes.DoubleType));
+    LopqModel model = LopqModel.fromFile(modelPath).setVectorCol("features");
+    return model.transform(spark.createDataFrame(rows, schema)).orderBy("id").collectAsList();
+  }
 }

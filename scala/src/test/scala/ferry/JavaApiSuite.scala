@@ -24,4 +24,18 @@ class JavaApiSuite extends AnyFunSuite with SparkSuite {
     val ys = JavaConvolveExample.scale(spark, 1.5).asScala.map(_.getDouble(0))
     assert(ys == Seq(0.0, 1.5, 3.0, 4.5, 6.0))
   }
+
+  test("a Java caller encodes with a LopqModel file") {
+    val model = new java.io.File(sys.env.getOrElse("FERRY_SHARED_DATA", s"${TestSpark.repo}/../shared/data"),
+      "lopq/random_test_model.lopq").getAbsolutePath
+    val rnd = new scala.util.Random(7)
+    val vectors = Seq.fill(12)(Array.fill(8)(rnd.nextGaussian()))
+    val rows = JavaConvolveExample.lopqCodes(spark, model, vectors.asJava).asScala
+    val schema = org.apache.spark.sql.types.StructType.fromDDL("id bigint, vector array<double>")
+    val expected = LopqModel.fromFile(model).transform(spark.createDataFrame(
+      vectors.zipWithIndex.map { case (v, i) => org.apache.spark.sql.Row(i.toLong, v.toSeq) }.asJava, schema))
+      .orderBy("id").collect().toSeq
+    assert(rows.length == 12 && rows.map(_.getSeq[Int](2)) == expected.map(_.getSeq[Int](2)))
+    assert(rows.map(_.getSeq[Int](1)) == expected.map(_.getSeq[Int](1)))
+  }
 }
