@@ -34,6 +34,16 @@ object TestSpark {
     .config(FerryConf.WorkerLogDir, new File(tempDir, "worker-logs").getAbsolutePath)
     .getOrCreate()
 
+  /** Runs a Python script in the venv with the repository on PYTHONPATH; its output, or a failed assertion. */
+  def runPython(script: String): String = {
+    val out = new StringBuilder
+    val code = scala.sys.process.Process(Seq(python, "-c", script), None, "PYTHONPATH" -> repo,
+      "OMP_NUM_THREADS" -> "1").!(scala.sys.process.ProcessLogger(l => out.append(l).append('\n'),
+      l => out.append(l).append('\n')))
+    assert(code == 0, s"python failed:\n$out")
+    out.toString
+  }
+
   def newDir(prefix: String): File = Files.createTempDirectory(tempDir.toPath, prefix).toFile
 
   def deleteRecursively(f: File): Unit = {

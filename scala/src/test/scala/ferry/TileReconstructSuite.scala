@@ -2,8 +2,6 @@ package ferry
 
 import java.io.File
 
-import scala.sys.process._
-
 import org.apache.spark.sql.DataFrame
 import org.apache.spark.sql.functions.{col, lit, when}
 import org.scalatest.funsuite.AnyFunSuite
@@ -29,13 +27,8 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     path
   }
 
-  private def py(script: String): String = {
-    val out = new StringBuilder
-    val code = Process(Seq(TestSpark.python, "-c", script), None, "PYTHONPATH" -> TestSpark.repo)
-      .!(ProcessLogger(l => out.append(l).append('\n'), l => out.append(l).append('\n')))
-    assert(code == 0, s"python failed:\n$out")
-    out.toString
-  }
+  private def py(script: String): String = TestSpark.runPython(script)
+
 
   private def kernel: Array[Array[Double]] = {
     val text = py(s"""import numpy as np; k = np.load(r"$dir/kernel.npy"); print(";".join(",".join(repr(float(v)) for v in r) for r in k))""")
