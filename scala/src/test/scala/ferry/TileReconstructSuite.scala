@@ -35,14 +35,26 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     text.trim.split(";").map(_.split(",").map(_.toDouble))
   }
 
-  /** Writes `out` and checks every image's tiles against `oracle` (a Python expression of img). */
-  private def check(out: DataFrame, oracle: String, what: String): Unit = {
+  /**
+   * Writes `out` and checks every image's tiles against `oracle` (a Python expression of img) and,
+   * bit for bit, against the in-process job `core` (a Python call of ferry's reconstruct on the
+   * store, as ferry.spark.TileReconstruct is tested), so the Scala and PySpark paths agree exactly.
+   */
+  private def check(out: DataFrame, oracle: String, core: String, what: String): Unit = {
     val path = new File(dir, s"out-${System.nanoTime()}.parquet").getAbsolutePath
     out.write.parquet(path)
     py(s"""
       |import io, numpy as np, pyarrow.parquet as pq, scipy.signal, scipy.ndimage
+      |from ferry.stages.tiles import TileKey, reconstruct
+      |from ferry.tiles_store import TileStore
       |imgs = np.load(r"$dir/images.npz"); k = np.load(r"$dir/kernel.npy")
       |t = pq.read_table(r"$path").to_pylist()
+      |job = reconstruct(TileStore(r"$store"), $core)
+      |assert job.reads == 12 + 9 and len(t) == len(job.tiles), ("$what", job.reads, len(t), len(job.tiles))
+      |for r in t:
+      |    want = job.tiles[TileKey(r["image_id"], r["z"], r["x"], r["y"])]
+      |    got = np.load(io.BytesIO(r["pixels"]))
+      |    assert got.dtype == want.dtype and np.array_equal(got, want), ("$what: not bit-identical to the core", r["x"], r["y"])
       |for name in imgs.files:
       |    img = imgs[name]
       |    want = $oracle
@@ -57,16 +69,17 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
       |""".stripMargin)
   }
 
-  test("convolve2d and median equal scipy on the whole images, for 1, 3 and 7 shuffle partitions") {
+  test("convolve2d and median equal scipy on the whole images and, bit for bit, the in-process job (1, 3, 7 partitions)") {
     val tiles = spark.read.parquet(store)
     Seq("1", "3", "7").foreach { parts =>
       withConf("spark.sql.shuffle.partitions" -> parts) {
         check(new TileReconstruct().setOperator("convolve2d").setKernel(kernel).transform(tiles),
-          "scipy.signal.convolve2d(img, k, mode='same')", s"convolve2d scatter, $parts partitions")
+          "scipy.signal.convolve2d(img, k, mode='same')", "'convolve2d', kernel=k", s"convolve2d scatter, $parts")
         check(new TileReconstruct().setOperator("convolve2d").setKernel(kernel).setStrategy("gather").transform(tiles),
-          "scipy.signal.convolve2d(img, k, mode='same')", s"convolve2d gather, $parts partitions")
+          "scipy.signal.convolve2d(img, k, mode='same')", "'convolve2d', kernel=k, strategy='gather'",
+          s"convolve2d gather, $parts")
         check(new TileReconstruct().setOperator("median").setOperatorParams("""{"size": 3}""").transform(tiles),
-          "scipy.ndimage.median_filter(img, size=3, mode='constant')", s"median, $parts partitions")
+          "scipy.ndimage.median_filter(img, size=3, mode='constant')", "'median', size=3", s"median, $parts")
       }
     }
   }
