@@ -1,0 +1,129 @@
+"""ferry.spark.LopqEncoder / LopqModel in a real local[2] Spark: training as tree reductions gives
+the in-process model for any partitioning; encoding gives LOPQModel.encode's codes."""
+import numpy as np
+import pytest
+
+from ferry.errors import InputError, InvalidParamsError, SchemaError
+from ferry.lopq import LOPQModel, ModelFormatError, fit
+from ferry.spark import LopqEncoder, LopqModel
+from tests.synthetic import mixture
+
+pytestmark = pytest.mark.spark
+
+SMALL = dict(V=4, M=4, subquantizerClusters=16, coarseIters=4, subIters=4, seed=3)
+SMALL_FIT = dict(V=4, M=4, subquantizer_clusters=16, coarse_iters=4, sub_iters=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return mixture(3000, 16, 12, seed=1)
+
+
+def frame(spark, X, parts=None, ids=None):
+    ids = range(len(X)) if ids is None else ids
+    df = spark.createDataFrame([(int(i), x.tolist()) for i, x in zip(ids, X)], "id long, vector array<double>")
+    return df.repartition(parts) if parts else df
+
+
+def assert_same_model(a: LOPQModel, b: LOPQModel, atol=1e-9):
+    for name in ("Cs", "Rs", "mus", "subs"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=0, atol=atol, err_msg=name)
+    np.testing.assert_allclose(a.pca.projection, b.pca.projection, rtol=0, atol=atol)
+    np.testing.assert_allclose(a.pca.mean, b.pca.mean, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def in_process(data):
+    return fit(data, **SMALL_FIT)
+
+
+@pytest.mark.parametrize("parts,depth", [(1, 4), (3, 2), (7, 3)])
+def test_spark_training_equals_in_process_training(spark, data, in_process, parts, depth):
+    model = LopqEncoder(**SMALL, aggDepth=depth).fit(frame(spark, data, parts))
+    assert_same_model(model.lopq, in_process)
+
+
+def test_sampling_and_float_vectors_equal_in_process(spark, data):
+    X32 = data.astype(np.float32)
+    df = spark.createDataFrame([(i, x.tolist()) for i, x in enumerate(X32)], "id int, vector array<float>")
+    kw = dict(sampling_ratio=0.6, subquantizer_sampling_ratio=0.5)
+    model = LopqEncoder(**SMALL, samplingRatio=0.6, subquantizerSamplingRatio=0.5).fit(df.repartition(3))
+    assert_same_model(model.lopq, fit(X32.astype(np.float64), **SMALL_FIT, **kw))
+    # A sample really is smaller: the model differs from one trained on everything.
+    assert np.abs(model.lopq.subs - fit(X32.astype(np.float64), **SMALL_FIT).subs).max() > 1e-3
+
+
+def test_transform_equals_lopq_encode_and_keeps_columns(spark, data, in_process):
+    model = LopqModel.from_lopq(in_process)
+    df = frame(spark, data, 3).withColumnRenamed("vector", "v").withColumn("tag", __import__(
+        "pyspark.sql.functions", fromlist=["lit"]).lit("x"))
+    out = model.setVectorCol("v").setFineCol("codes").transform(df)
+    assert out.columns == ["id", "v", "tag", "coarse", "codes"]
+    rows = sorted(out.collect(), key=lambda r: r.id)
+    coarse, fine = in_process.encode(data)
+    np.testing.assert_array_equal(np.array([r.coarse for r in rows]), coarse)
+    np.testing.assert_array_equal(np.array([r.codes for r in rows]), fine)
+
+
+def test_save_load_round_trip(spark, data, in_process, tmp_path):
+    model = LopqModel.from_lopq(in_process).setVectorCol("v")
+    model.write().save(str(tmp_path / "model"))
+    back = LopqModel.load(str(tmp_path / "model"))
+    assert back.modelBytes() == in_process.to_bytes()
+    assert back.getVectorCol() == "v" and back.uid == model.uid
+    assert_same_model(back.lopq, in_process, atol=0)
+    enc = LopqEncoder(**SMALL, aggDepth=2)
+    enc.write().save(str(tmp_path / "encoder"))
+    again = LopqEncoder.load(str(tmp_path / "encoder"))
+    assert again.fit_kwargs() == enc.fit_kwargs()
+    # No pickle anywhere: the data file holds the protobuf bytes as they are.
+    (row,) = spark.read.parquet(str(tmp_path / "model" / "data")).collect()
+    assert LOPQModel.from_bytes(bytes(row.model)).to_bytes() == in_process.to_bytes()
+
+
+def test_bad_training_data_raises_the_ferry_error_on_the_driver(spark, data):
+    bad = data.copy()
+    bad[1234, 5] = np.nan
+    with pytest.raises(InputError, match=r"must be finite.*nan at dimension 5"):
+        LopqEncoder(**SMALL).fit(frame(spark, bad, 3))
+    rows = [(i, x.tolist()) for i, x in enumerate(data[:50])] + [(50, data[50, :15].tolist())]
+    df = spark.createDataFrame(rows, "id long, vector array<double>").repartition(2)
+    with pytest.raises(InputError, match=r"has 15 values, row 0 has 16|must have dimension 16"):
+        LopqEncoder(**SMALL).fit(df)
+    with pytest.raises(InputError, match=r"at least as many points as coarse clusters per half \(V\): found 3"):
+        LopqEncoder(**SMALL).fit(frame(spark, data[:3], 2))
+    with pytest.raises(SchemaError, match=r"must be array<float> or array<double>, found string"):
+        LopqEncoder(**SMALL).fit(spark.createDataFrame([(1, "x")], "id long, vector string"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(M=3), r"M \(subquantizers in total\) must be even"),
+    (dict(M=6), r"D=16 must be divisible by M=6"),
+    (dict(aggDepth=0), r"agg_depth .* must be an integer >= 1"),
+    (dict(samplingRatio=1.5), r"sampling ratio must lie in \(0, 1\]"),
+])
+def test_bad_params_raise_before_any_job(spark, data, kwargs, match):
+    with pytest.raises(InvalidParamsError, match=match):
+        LopqEncoder(**{**SMALL, **kwargs}).fit(frame(spark, data[:100]))
+    with pytest.raises(InvalidParamsError, match="LopqEncoder needs V"):
+        LopqEncoder(M=4).fit(frame(spark, data[:100]))
+
+
+def test_encoding_errors(spark, data, in_process, tmp_path):
+    model = LopqModel.from_lopq(in_process)
+    with pytest.raises(SchemaError, match=r"needs an id column 'id'"):
+        model.transform(frame(spark, data[:5]).withColumnRenamed("id", "key"))
+    with pytest.raises(SchemaError, match="Output column coarse already exists"):
+        model.transform(frame(spark, data[:5]).withColumnRenamed("id", "coarse").withColumn("id", __import__(
+            "pyspark.sql.functions", fromlist=["lit"]).lit(1)))
+    with pytest.raises(Exception, match=r"have dimension 15, the model takes 16"):
+        model.transform(frame(spark, data[:5, :15])).collect()
+    pickled = tmp_path / "model.pkl"
+    import pickle
+    pickled.write_bytes(pickle.dumps({"Cs": data[:4]}))
+    with pytest.raises(ModelFormatError, match="is a Python pickle"):
+        LopqModel.from_file(pickled)
+    truncated = tmp_path / "model.lopq"
+    truncated.write_bytes(in_process.to_bytes()[:-7])
+    with pytest.raises(ModelFormatError, match="truncated"):
+        LopqModel.from_file(truncated)
