@@ -10,8 +10,8 @@ from tests.synthetic import mixture
 
 pytestmark = pytest.mark.spark
 
-SMALL = dict(V=4, M=4, subquantizerClusters=16, coarseIters=4, subIters=4, seed=3)
-SMALL_FIT = dict(V=4, M=4, subquantizer_clusters=16, coarse_iters=4, sub_iters=4, seed=3)
+SMALL = dict(V=4, M=4, subquantizerClusters=16, coarseIters=2, subIters=1, seed=3)
+SMALL_FIT = dict(V=4, M=4, subquantizer_clusters=16, coarse_iters=2, sub_iters=1, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,25 @@ def data():
     return mixture(3000, 16, 12, seed=1)
 
 
-def frame(spark, X, parts=None, ids=None):
-    ids = range(len(X)) if ids is None else ids
-    df = spark.createDataFrame([(int(i), x.tolist()) for i, x in zip(ids, X)], "id long, vector array<double>")
+def frame(spark, X, parts=None, value_type=None):
+    """X as a DataFrame (id, vector) read from a Parquet file, as users hold vectors."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    X = np.asarray(X)
+    values = pa.array(X.ravel(), type=value_type or pa.float64())
+    vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, X.size + 1, X.shape[1], dtype=np.int32)), values)
+    path = tempfile.mkdtemp(dir=frame.tmp) + "/data.parquet"
+    pq.write_table(pa.table({"id": pa.array(np.arange(len(X))), "vector": vectors}), path)
+    df = spark.read.parquet(path)
     return df.repartition(parts) if parts else df
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _frames_dir(tmp_path_factory):
+    frame.tmp = str(tmp_path_factory.mktemp("frames"))
 
 
 def assert_same_model(a: LOPQModel, b: LOPQModel, atol=1e-9):
@@ -44,8 +59,10 @@ def test_spark_training_equals_in_process_training(spark, data, in_process, part
 
 
 def test_sampling_and_float_vectors_equal_in_process(spark, data):
+    import pyarrow as pa
+
     X32 = data.astype(np.float32)
-    df = spark.createDataFrame([(i, x.tolist()) for i, x in enumerate(X32)], "id int, vector array<float>")
+    df = frame(spark, X32, value_type=pa.float32())
     kw = dict(sampling_ratio=0.6, subquantizer_sampling_ratio=0.5)
     model = LopqEncoder(**SMALL, samplingRatio=0.6, subquantizerSamplingRatio=0.5).fit(df.repartition(3))
     assert_same_model(model.lopq, fit(X32.astype(np.float64), **SMALL_FIT, **kw))
@@ -87,7 +104,7 @@ def test_bad_training_data_raises_the_ferry_error_on_the_driver(spark, data):
     with pytest.raises(InputError, match=r"must be finite.*nan at dimension 5"):
         LopqEncoder(**SMALL).fit(frame(spark, bad, 3))
     rows = [(i, x.tolist()) for i, x in enumerate(data[:50])] + [(50, data[50, :15].tolist())]
-    df = spark.createDataFrame(rows, "id long, vector array<double>").repartition(2)
+    df = spark.createDataFrame(rows, "id long, vector array<double>")
     with pytest.raises(InputError, match=r"has 15 values, row 0 has 16|must have dimension 16"):
         LopqEncoder(**SMALL).fit(df)
     with pytest.raises(InputError, match=r"at least as many points as coarse clusters per half \(V\): found 3"):

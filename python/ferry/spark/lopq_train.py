@@ -45,7 +45,7 @@ def reduce_pass(blocks, name: str, state: T.TrainState, agg_depth: int = DEFAULT
             raise InputError(f"no training vectors reached pass {name!r}: the data (after sampling) is empty; "
                              "give more data or a larger sampling ratio") from None
     finally:
-        state_bc.destroy()
+        state_bc.destroy(blocking=False)
     tasks.reraise(merged)
     return T.partial_from_bytes(merged)
 
