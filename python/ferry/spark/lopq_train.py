@@ -154,14 +154,11 @@ def blocks_from_text(sc, path: str):
     return lines.mapPartitions(functools.partial(tasks.blocks_from_text, dim=dim)), dim
 
 
-def blocks_from_fvecs(sc, path: str, partitions: int | None = None):
-    """(RDD of packed blocks, dimension) of a texmex .fvecs file, read on the driver."""
-    from ferry.stages.lopq.io import read_fvecs
-
-    X = read_fvecs(path)
+def blocks_from_array(sc, X: np.ndarray, partitions: int | None = None):
+    """(RDD of packed blocks, dimension) of vectors held by the driver (a .fvecs file, say)."""
+    X = as_vectors(X, None, what="the training vectors")
     if X.shape[0] == 0:
-        raise InputError(f"no training vectors: {path} is empty")
-    X = as_vectors(X, None, what=f"the vectors of {path}")
+        raise InputError("no training vectors: the array is empty")
     n = partitions or sc.defaultParallelism
     bounds = np.linspace(0, X.shape[0], n + 1).astype(int)
     packed = [tasks.pack(X[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
