@@ -100,10 +100,10 @@ def run(args) -> int:
 
 
 def _ferry_error_in(e: Exception) -> str | None:
-    from ferry.spark.lopq_tasks import _ERRORS
+    from ferry.spark.lopq_tasks import ERRORS
 
     text = str(e)
-    for name in _ERRORS:
+    for name in ERRORS:
         at = text.rfind(f"{name}: ")
         if at >= 0:
             return text[at:].split("\n")[0]

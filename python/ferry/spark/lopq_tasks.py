@@ -21,7 +21,7 @@ from ferry.stages.lopq.model import as_vectors
 #: Vectors per cached block: the in-process driver's chunk size, so each block is one chunk.
 BLOCK_ROWS = T.DEFAULT_CHUNK_ROWS
 
-_ERRORS = {cls.__name__: cls for cls in (
+ERRORS = {cls.__name__: cls for cls in (
     *errors.BY_CATEGORY.values(), lopq_errors.ModelFormatError, lopq_errors.UnsafePickleError)}
 
 
@@ -42,7 +42,7 @@ def failure(e: errors.FerryError) -> tuple:
 def reraise(record) -> None:
     """Raises the ferry error an executor reported, if the record is one."""
     if isinstance(record, tuple) and record and record[0] == "error":
-        raise _ERRORS.get(record[1], errors.InputError)(record[2])
+        raise ERRORS.get(record[1], errors.InputError)(record[2])
 
 
 def _blocks(vectors, dim: int, what: str):

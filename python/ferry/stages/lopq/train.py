@@ -31,6 +31,7 @@ import logging
 import math
 import time
 import warnings
+import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -821,7 +822,7 @@ def state_from_bytes(data: bytes) -> TrainState:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         state = TrainState(TrainConfig(**json.loads(str(arrays["config"]))))
-    except (KeyError, ValueError, OSError, TypeError) as e:
+    except (KeyError, ValueError, OSError, TypeError, zipfile.BadZipFile) as e:
         raise InputError(f"a training state does not decode ({type(e).__name__}: {e}); it must come from "
                          "state_to_bytes of the same ferry version") from None
     for name in _STATE_ARRAYS:
@@ -863,7 +864,7 @@ def partial_from_bytes(data: bytes):
                 v = arrays[f"{i}.{f.name}"]
                 kwargs[f.name] = v.item() if v.ndim == 0 else v
             items.append(cls(**kwargs))
-    except (KeyError, ValueError, OSError) as e:
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise InputError(f"a training partial does not decode ({type(e).__name__}: {e}); it must come from "
                          "partial_to_bytes of the same ferry version") from None
     return tuple(items) if bool(arrays["__tuple__"]) else items[0]
