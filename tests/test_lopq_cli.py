@@ -146,6 +146,12 @@ def test_errors_say_what_is_wrong_before_spark_starts(files, tmp_path):
         (["train", "--data", d / "data.fvecs", "--existing_model", tmp_path / "good.lopq", "--V", 5, *out],
          r"V=5 but the existing model has V=4"),
     ]
+    cases += [
+        (["train", "--data", "x", "--data_udf", "no_such_module_here", "--V", 4, "--M", 4, *out],
+         r"--data_udf no_such_module_here: cannot import it"),
+        (["train", "--data", "x", "--data_udf", "tests.synthetic", "--V", 4, "--M", 4, *out],
+         r"the module has no function named udf"),
+    ]
     for args, match in cases:
         p = ferry(*args, ok=False)
         assert p.returncode == 2, (args, p.stderr[-2000:])

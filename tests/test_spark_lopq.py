@@ -144,3 +144,31 @@ def test_encoding_errors(spark, data, in_process, tmp_path):
     truncated.write_bytes(in_process.to_bytes()[:-7])
     with pytest.raises(ModelFormatError, match="truncated"):
         LopqModel.from_file(truncated)
+
+
+def test_text_lines_and_udf_arrays_feed_the_same_reductions(spark, data, tmp_path):
+    """The reference's inputs: text lines of base64 pickled arrays, and a data UDF's RDD of arrays."""
+    import base64
+    import pickle
+
+    from ferry.spark import lopq_train
+    from ferry.stages.lopq import train as T
+
+    path = tmp_path / "vectors.txt"
+    path.write_text("".join(f"{i}\t{base64.b64encode(pickle.dumps(x, protocol=2)).decode()}\n"
+                            for i, x in enumerate(data[:500])))
+    sc = spark.sparkContext
+    for blocks, dim in (lopq_train.blocks_from_text(sc, str(path)),
+                        lopq_train.blocks_from_arrays(sc.parallelize(list(data[:500]), 3))):
+        assert dim == 16
+        m = lopq_train.pca_moments(blocks, agg_depth=2)
+        assert m.n == 500
+        np.testing.assert_allclose(m.mean, data[:500].mean(0), rtol=1e-12)
+        np.testing.assert_allclose(T.covariance(m), np.cov(data[:500], rowvar=False), rtol=1e-9, atol=1e-12)
+    # A pickle naming anything but a numpy array is refused on the executor, and nothing runs.
+    evil = tmp_path / "evil.txt"
+    evil.write_text(path.read_text().splitlines(keepends=True)[0] + "2\t" +
+                    base64.b64encode(b"cos\nsystem\n(S'echo pwned'\ntR.").decode() + "\n")
+    blocks, _ = lopq_train.blocks_from_text(sc, str(evil))
+    with pytest.raises(InputError, match=r"the pickle names os.system"):
+        lopq_train.pca_moments(blocks)

@@ -239,8 +239,9 @@ def _blocks(args):
     from ferry.spark import lopq_train
 
     if args.data_udf:
-        sc = _session(args).sparkContext
-        return lopq_train.blocks_from_arrays(_udf(args.data_udf)(sc, args.data, args.sampling_ratio, args.seed))
+        udf = _udf(args.data_udf)
+        return lopq_train.blocks_from_arrays(udf(_session(args).sparkContext, args.data, args.sampling_ratio,
+                                                 args.seed))
     _check_exists(args.data)
     fmt = _format(args)
     if fmt == "fvecs":
@@ -270,8 +271,9 @@ def _id_vectors(args, dim: int):
 
     schema = "id string, vector array<double>"
     if args.data_udf:
+        udf = _udf(args.data_udf)
         spark = _session(args)
-        rdd = _udf(args.data_udf)(spark.sparkContext, args.data, args.sampling_ratio, args.seed)
+        rdd = udf(spark.sparkContext, args.data, args.sampling_ratio, args.seed)
         return spark.createDataFrame(rdd.map(lambda kv: (str(kv[0]), np.asarray(kv[1], float).ravel().tolist())),
                                      schema)
     _check_exists(args.data)
