@@ -296,6 +296,11 @@ def targets(report: dict) -> list[str]:
     return lines + [""]
 
 
+#: One colour per method in every panel.
+COLORS = {"ferry LOPQ V=16": "tab:blue", "ferry LOPQ V=64": "tab:cyan", "faiss OPQ": "tab:orange",
+          "faiss IVF": "tab:red"}
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -311,7 +316,7 @@ def plot(report: dict, path: Path) -> None:
             series.setdefault(label, []).append((r["code_bytes"], r["recall@10"]))
         for label, pts in series.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=COLORS.get(label))
         ax.set_title(name)
         ax.set_xlabel("code size (bytes per vector)")
         ax.set_ylabel("recall@10 of the true nearest neighbour")
