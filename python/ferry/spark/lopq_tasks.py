@@ -8,6 +8,7 @@ the driver raises the same error with the same message instead of a Java stack t
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -61,6 +62,7 @@ def _blocks(vectors, dim: int, what: str):
 
 def guarded(fn):
     """A partition function whose ferry errors become one error record."""
+    @functools.wraps(fn)    # executors then import it by name instead of receiving its code
     def run(*args, **kwargs):
         try:
             yield from fn(*args, **kwargs)
@@ -89,11 +91,13 @@ def blocks_from_arrow(batches, column: str, dim: int):
     """mapInArrow: a vector column -> one row of packed vectors per block (or an error row)."""
     from ferry.stages.lopq.stages import vectors_from_column
 
-    def vectors():
-        for b in batches:
-            yield vectors_from_column("LopqEncoder", b.column(column), column)
+    @guarded
+    def packed():
+        vectors = (vectors_from_column("LopqEncoder", b.column(column), column) for b in batches)
+        for X in _blocks(vectors, dim, f"column {column!r}"):
+            yield pack(X)
 
-    for item in guarded(lambda: (pack(X) for X in _blocks(vectors(), dim, f"column {column!r}")))():
+    for item in packed():
         if isinstance(item, tuple):
             yield pa.RecordBatch.from_pydict({"block": [None], "error": [f"{item[1]}\t{item[2]}"]}, BLOCK_ARROW)
         else:
@@ -115,20 +119,18 @@ def sampled(blocks, ratio: float, seed: int):
             yield pack(X[keep])
 
 
+@guarded
 def pass_partition(blocks, name: str, state_bytes: bytes):
     """One training pass over a partition: the chunk of every block, combined; one record."""
-    try:
-        p = T.PASSES[name]
-        state = T.state_from_bytes(state_bytes)
-        acc = None
-        for b in blocks:
-            reraise(b)
-            part = p.chunk(unpack(b), state)
-            acc = part if acc is None else p.combine(acc, part)
-        if acc is not None:
-            yield T.partial_to_bytes(acc)
-    except errors.FerryError as e:
-        yield failure(e)
+    p = T.PASSES[name]
+    state = T.state_from_bytes(state_bytes)
+    acc = None
+    for b in blocks:
+        reraise(b)
+        part = p.chunk(unpack(b), state)
+        acc = part if acc is None else p.combine(acc, part)
+    if acc is not None:
+        yield T.partial_to_bytes(acc)
 
 
 def combine_records(name: str):
