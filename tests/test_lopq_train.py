@@ -268,6 +268,11 @@ def test_training_resumes_from_a_partial_model_step_by_step(data):
     resumed = fit(data, **{**kw, "V": None}, steps=[1, 2], existing=coarse_only)
     for a, b in zip(resumed.encode(data), whole.encode(data)):
         assert (a == b).mean() > 0.99
+    # Another M keeps the PCA and the coarse centroids and trains rotations for it.
+    finer = fit(data, **{**kw, "V": None, "M": 8}, steps=[1, 2], existing=whole)
+    assert finer.M == 8 and finer.subs.shape == (8, 16, 2)
+    np.testing.assert_array_equal(finer.Cs, whole.Cs)
+    np.testing.assert_array_equal(finer.pca.projection, whole.pca.projection)
     with pytest.raises(InvalidParamsError, match=r"skip step 0 \(coarse clustering\)"):
         fit(data, **kw, steps=[1, 2])
     with pytest.raises(InvalidParamsError, match=r"step 2 alone needs the rotations"):
