@@ -127,9 +127,24 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
         kwargs = self.fit_kwargs()
         lopq_train.check_agg_depth(kwargs["agg_depth"])
         blocks, dim = lopq_train.blocks_from_dataframe(dataset, self.getVectorCol())
+        self._check_by_the_stage(dataset.schema, dim, kwargs)
         state = lopq_train.fit(blocks, dim, **kwargs)
         model = LopqModel.from_lopq(state.model())
         return self._copyValues(model)
+
+    def _check_by_the_stage(self, schema: ST.StructType, dim: int, kwargs: dict) -> None:
+        """The lopq_train stage's contract (the one the JVM side validates by) judges the params
+        and the input schema, on the driver, before any pass runs."""
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        from ferry import registry
+
+        stage = registry.get("lopq_train")
+        params = stage.resolve_params({
+            "step": "pca", "phase": "chunk", "dim": dim, "V": kwargs["V"], "M": kwargs["M"],
+            "subquantizer_clusters": kwargs["subquantizer_clusters"], "pca": kwargs["pca"],
+            "pca_dim": kwargs["pca_dim"] or 0, "seed": kwargs["seed"], "vector_col": self.getVectorCol()})
+        stage.output_schema(to_arrow_schema(schema.__class__([schema[self.getVectorCol()]])), params)
 
     def write(self) -> MLWriter:
         return DefaultParamsWriter(self)
