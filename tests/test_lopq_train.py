@@ -246,3 +246,44 @@ def test_fit_with_pca_reduction_saves_loads_and_encodes_raw_vectors(data, tmp_pa
     # Decoding maps back to the input space, closer than the data's own spread.
     err = ((m.decode(*m.encode(data)) - data) ** 2).sum(1).mean()
     assert err < 0.5 * ((data - data.mean(0)) ** 2).sum(1).mean()
+
+
+def test_states_travel_exactly_as_npz(data):
+    state = trained_state(data, ["pca", "coarse_init", "coarse_step", "rotations", "sub_init", "sub_step"])
+    back = T.state_from_bytes(T.state_to_bytes(state))
+    assert back.config == state.config and back.inertia == state.inertia
+    for name in ("Cs", "Rs", "mus", "subs"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(state, name))
+    np.testing.assert_array_equal(back.pca.projection, state.pca.projection)
+    with pytest.raises(InputError, match="training state does not decode"):
+        T.state_from_bytes(b"PK\x03\x04 not really")
+
+
+def test_training_resumes_from_a_partial_model_step_by_step(data):
+    kw = dict(V=4, M=4, subquantizer_clusters=16, seed=2, coarse_iters=3, sub_iters=3)
+    whole = fit(data, **kw)
+    coarse_only = fit(data, **kw, steps=[0])
+    assert coarse_only.Rs is None and coarse_only.subs is None
+    np.testing.assert_array_equal(coarse_only.Cs, whole.Cs)
+    resumed = fit(data, **{**kw, "V": None}, steps=[1, 2], existing=coarse_only)
+    for a, b in zip(resumed.encode(data), whole.encode(data)):
+        assert (a == b).mean() > 0.99
+    # Another M keeps the PCA and the coarse centroids and trains rotations for it.
+    finer = fit(data, **{**kw, "V": None, "M": 8}, steps=[1, 2], existing=whole)
+    assert finer.M == 8 and finer.subs.shape == (8, 16, 2)
+    np.testing.assert_array_equal(finer.Cs, whole.Cs)
+    np.testing.assert_array_equal(finer.pca.projection, whole.pca.projection)
+    with pytest.raises(InvalidParamsError, match=r"skip step 0 \(coarse clustering\)"):
+        fit(data, **kw, steps=[1, 2])
+    with pytest.raises(InvalidParamsError, match=r"step 2 alone needs the rotations"):
+        fit(data, **{**kw, "V": None}, steps=[2], existing=coarse_only)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+def test_sampling_keeps_the_same_rows_for_any_chunking(data, ratio):
+    whole = T.sample_mask(data, ratio, 9)
+    parts = np.concatenate([T.sample_mask(c, ratio, 9) for c in random_chunks(data, 5, 1)])
+    np.testing.assert_array_equal(whole, parts)
+    assert abs(whole.mean() - ratio) < 0.05
+    with pytest.raises(InvalidParamsError, match=r"sampling ratio must lie in \(0, 1\]"):
+        T.sample_mask(data, 0.0, 9)

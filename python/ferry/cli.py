@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ferry import demo
     demo.add_arguments(d)
     d.set_defaults(func=cmd_demo)
+
+    from ferry import cli_lopq
+    cli_lopq.add_parser(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """The PySpark path: ferry's stages as pyspark.ml stages, run in-process (no gRPC hop)."""
 
 __all__ = ["Convolve"]
+__all__ += ["LopqEncoder", "LopqModel"]
 
 
 def __getattr__(name):
@@ -8,4 +9,7 @@ def __getattr__(name):
     if name == "Convolve":
         from ferry.spark.convolve import Convolve
         return Convolve
+    if name in ("LopqEncoder", "LopqModel"):
+        from ferry.spark import lopq
+        return getattr(lopq, name)
     raise AttributeError(f"module 'ferry.spark' has no attribute {name!r}")

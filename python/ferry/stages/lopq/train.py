@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import math
 import time
 import warnings
+import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -186,15 +188,26 @@ def pca_chunk(X: np.ndarray, state: TrainState, prepared=None) -> Moments:
 
 
 def pca_aggregate(m: Moments, state: TrainState) -> TrainState:
-    cfg = state.config
+    eigenvalues, eigenvectors = eigen(m)
+    return dataclasses.replace(state, pca=prepare_pca(m.mean, eigenvalues, eigenvectors, state.config.D))
+
+
+def eigen(m: Moments) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of the covariance of the moments."""
     cov = covariance(m)
-    eigenvalues, eigenvectors = np.linalg.eigh((cov + cov.T) / 2)
-    top = np.argsort(eigenvalues, kind="stable")[::-1][:cfg.D]
+    return np.linalg.eigh((cov + cov.T) / 2)
+
+
+def prepare_pca(mean: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray, D: int) -> PCA:
+    """The top D principal axes, ordered so that the two halves carry balanced variance."""
+    if D % 2 or not 2 <= D <= eigenvalues.size:
+        raise InvalidParamsError(f"the PCA dimension D must be even and lie in 2..{eigenvalues.size} "
+                                 f"(the input dimension), got {D}")
+    top = np.argsort(eigenvalues, kind="stable")[::-1][:D]
     # Balance variance across the two halves: each half gets principal axes whose variances
     # have about the same product, so both coarse quantizers see equally informative data.
     perm = eigenvalue_allocation(2, eigenvalues[top])
-    P = eigenvectors[:, top[perm]]
-    return dataclasses.replace(state, pca=PCA(m.mean, P))
+    return PCA(mean, eigenvectors[:, top[perm]])
 
 
 def eigenvalue_allocation(num_buckets: int, eigenvalues: np.ndarray) -> np.ndarray:
@@ -598,26 +611,62 @@ def run_pass(p: Pass, chunks: Sequence[np.ndarray], state: TrainState, cache: Pr
     return p.aggregate(tree_combine([p.chunk(X, state, Y) for X, Y in zip(chunks, prepared)], p.combine), state)
 
 
-def plan(cfg: TrainConfig, state: TrainState):
-    """The passes fit() runs, as a generator that sees each new state (for early stopping)."""
-    if cfg.pca:
-        state = yield "pca"
-    state = yield "coarse_init"
-    for _ in range(cfg.coarse_iters):
-        state = yield "coarse_step"
-        if state.converged():
-            break
-    state = yield "rotations"
-    state = yield "sub_init"
-    for _ in range(cfg.sub_iters):
-        state = yield "sub_step"
-        if state.converged():
-            break
+#: The reference's training steps (its --steps numbers) and the passes each runs.
+STEPS = {0: "coarse clustering", 1: "rotations", 2: "subquantizers"}
 
 
-def fit(X, V: int, M: int, subquantizer_clusters: int = 256, *, seed: int = 0, pca: bool = True,
-        pca_dim: int | None = None, coarse_iters: int = 10, sub_iters: int = 20, tol: float = 1e-4,
-        init_sample: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+def plan(cfg: TrainConfig, state: TrainState, steps: Sequence[int] = (0, 1, 2)):
+    """The passes fit() runs, as a generator that sees each new state (for early stopping).
+
+    ``steps`` picks the reference's training steps; PCA belongs to step 0 when the state has no
+    PCA yet, and the parameters of skipped steps must already be in the state.
+    """
+    if 0 in steps:
+        if cfg.pca and state.pca is None:
+            state = yield "pca"
+        state = yield "coarse_init"
+        for _ in range(cfg.coarse_iters):
+            state = yield "coarse_step"
+            if state.converged():
+                break
+    if 1 in steps:
+        state = yield "rotations"
+    if 2 in steps:
+        state = yield "sub_init"
+        for _ in range(cfg.sub_iters):
+            state = yield "sub_step"
+            if state.converged():
+                break
+
+
+def check_steps(steps: Sequence[int], state: TrainState) -> tuple[int, ...]:
+    """The steps sorted; raises unless the state holds what the skipped earlier steps produce."""
+    steps = tuple(sorted(set(int(s) for s in steps)))
+    if not steps or any(s not in STEPS for s in steps):
+        raise InvalidParamsError(f"steps must be a non-empty subset of 0,1,2 ({STEPS}), got {list(steps)}")
+    if steps[0] >= 1 and state.Cs is None:
+        raise InvalidParamsError(f"steps {','.join(map(str, steps))} skip step 0 (coarse clustering): give an "
+                                 "existing model holding the coarse centroids, or add step 0")
+    if steps[0] >= 2 and state.Rs is None:
+        raise InvalidParamsError("step 2 alone needs the rotations of step 1: give an existing model holding "
+                                 "them, or add step 1")
+    return steps
+
+
+def sample_mask(X: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Rows kept by a sampling ratio: decided by a hash of each row, so any chunking keeps the same."""
+    if not 0.0 < ratio <= 1.0:
+        raise InvalidParamsError(f"a sampling ratio must lie in (0, 1], got {ratio}")
+    if ratio == 1.0:
+        return np.ones(X.shape[0], dtype=bool)
+    return row_keys(X, seed) < np.uint64(int(ratio * 2.0 ** 64) - 1)
+
+
+def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: int = 256, *, seed: int = 0,
+        pca: bool = True, pca_dim: int | None = None, coarse_iters: int = 10, sub_iters: int = 20,
+        tol: float = 1e-4, init_sample: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        steps: Sequence[int] = (0, 1, 2), existing: LOPQModel | PCA | None = None, sampling_ratio: float = 1.0,
+        subquantizer_sampling_ratio: float = 1.0,
         progress: Callable[[str, TrainState, float], None] | None = None) -> LOPQModel:
     """Trains an LOPQ model in-process by running every training pass over chunks of X.
 
@@ -632,30 +681,98 @@ def fit(X, V: int, M: int, subquantizer_clusters: int = 256, *, seed: int = 0, p
     coarse_iters, sub_iters, tol : Lloyd steps at most, stopping early when the inertia
         improves by less than tol (relative).
     init_sample : points sampled for k-means++ (default 32 per cluster, at least 1024).
+    steps : the reference's training steps to run: 0 coarse (with the PCA), 1 rotations,
+        2 subquantizers; the others' parameters come from ``existing``.
+    existing : a model whose PCA and trained parameters are kept (V and M default to its), or
+        a prepared PCA to apply instead of training one.
+    sampling_ratio, subquantizer_sampling_ratio : fractions of the rows every pass, and the
+        subquantizer passes on top of that, train on (kept by a hash of the row and the seed).
     progress : called after every pass with (pass name, state, seconds); the default logs.
     """
     chunks = _as_chunks(X, chunk_rows)
-    cfg = TrainConfig(D_in=chunks[0].shape[1], V=V, M=M, subquantizer_clusters=subquantizer_clusters,
-                      pca=pca, pca_dim=pca_dim, seed=seed, coarse_iters=coarse_iters,
-                      sub_iters=sub_iters, tol=tol, init_sample=init_sample)
-    cfg.check()
+    state = initial_state(chunks[0].shape[1], V, M, subquantizer_clusters, seed=seed, pca=pca, pca_dim=pca_dim,
+                          coarse_iters=coarse_iters, sub_iters=sub_iters, tol=tol, init_sample=init_sample,
+                          existing=existing)
+    steps = check_steps(steps, state)
+    cfg = state.config
+    chunks = [c[sample_mask(c, sampling_ratio, cfg.seed + SAMPLING_SALT)] for c in chunks]
+    sub_chunks = [c[sample_mask(c, subquantizer_sampling_ratio, cfg.seed + SUB_SAMPLING_SALT)] for c in chunks]
     n = sum(c.shape[0] for c in chunks)
-    _require_points(n, V, "coarse clusters per half (V)")
-    _require_points(n, subquantizer_clusters, "subquantizer clusters")
+    _require_points(n, cfg.V, "coarse clusters per half (V)")
+    _require_points(sum(c.shape[0] for c in sub_chunks), cfg.subquantizer_clusters, "subquantizer clusters")
+    cache, sub_cache = PreparedCache(), PreparedCache()
+
+    def run(name: str, st: TrainState) -> TrainState:
+        if name.startswith("sub_"):
+            return run_pass(PASSES[name], sub_chunks, st, sub_cache)
+        return run_pass(PASSES[name], chunks, st, cache)
+
+    return drive(state, steps, run, progress).model()
+
+
+#: Salts of the row hashes that decide sampling (the k-means++ samples use seed and seed + 1).
+SAMPLING_SALT = 0x5A3
+SUB_SAMPLING_SALT = 0x5B7
+
+
+def initial_state(D_in: int, V: int | None, M: int | None, subquantizer_clusters: int = 256, *,
+                  existing: LOPQModel | PCA | None = None, **config) -> TrainState:
+    """A checked TrainState to start from: empty, or holding an existing model's parameters."""
+    if isinstance(existing, LOPQModel):
+        if existing.input_dim != D_in:
+            raise InputError(f"the existing model takes vectors of dimension {existing.input_dim}, the training "
+                             f"data has {D_in}; give the data the model was trained on")
+        if V is not None and V != existing.V:
+            raise InvalidParamsError(f"V={V} but the existing model has V={existing.V}: its coarse centroids "
+                                     "fix V; leave V out or train from scratch")
+        V = existing.V
+        M = existing.M if M is None else M
+        if existing.pca is not None:
+            config.update(pca=True, pca_dim=existing.pca.output_dim)
+        else:
+            config.update(pca=False, pca_dim=None)
+        if existing.subs is not None:
+            subquantizer_clusters = existing.num_subquantizers
+    elif isinstance(existing, PCA):
+        if existing.input_dim != D_in:
+            raise InputError(f"the PCA takes vectors of dimension {existing.input_dim}, the training data has "
+                             f"{D_in}; give the data the PCA was computed on")
+        config.update(pca=True, pca_dim=existing.output_dim)
+    if V is None or M is None:
+        raise InvalidParamsError("V (coarse clusters per half) and M (subquantizers) are required unless an "
+                                 "existing model gives them")
+    cfg = TrainConfig(D_in=D_in, V=V, M=M, subquantizer_clusters=subquantizer_clusters, **config)
+    cfg.check()
     state = TrainState(cfg)
-    cache = PreparedCache()
-    steps = plan(cfg, state)
-    name = next(steps)
+    if isinstance(existing, PCA):
+        state.pca = existing
+    elif isinstance(existing, LOPQModel):
+        state.pca, state.Cs = existing.pca, existing.Cs
+        # Rotations balance variance over M/2 subvectors: another M needs them trained again.
+        if existing.Rs is not None and existing.M == M:
+            state.Rs, state.mus = existing.Rs, existing.mus
+        if existing.subs is not None and existing.M == M:
+            state.subs = existing.subs
+    return state
+
+
+def drive(state: TrainState, steps: Sequence[int], run: Callable[[str, TrainState], TrainState],
+          progress: Callable[[str, TrainState, float], None] | None = None) -> TrainState:
+    """Runs the planned passes, each by ``run(pass name, state) -> next state``: the one loop the
+    in-process and the Spark drivers share, so both take the same passes in the same order."""
+    plan_ = plan(state.config, state, steps)
+    try:
+        name = next(plan_)
+    except StopIteration:
+        return state
     while True:
         t0 = time.perf_counter()
-        state = run_pass(PASSES[name], chunks, state, cache)
-        dt = time.perf_counter() - t0
-        (progress or _log_progress)(name, state, dt)
+        state = run(name, state)
+        (progress or _log_progress)(name, state, time.perf_counter() - t0)
         try:
-            name = steps.send(state)
+            name = plan_.send(state)
         except StopIteration:
-            break
-    return state.model()
+            return state
 
 
 def _log_progress(name: str, state: TrainState, seconds: float) -> None:
@@ -678,7 +795,46 @@ def _as_chunks(X, chunk_rows: int) -> list[np.ndarray]:
     return chunks
 
 
-# --- partials on the wire: npz, never pickle -----------------------------------------------------------
+# --- states and partials on the wire: npz, never pickle ---------------------------------------------------
+
+_STATE_ARRAYS = ("Cs", "Rs", "mus", "subs")
+
+
+def state_to_bytes(state: TrainState) -> bytes:
+    """The whole training state in float64 as npz bytes: unlike TrainState.to_bytes (a float32
+    model), an executor given these computes exactly what the in-process driver computes."""
+    arrays = {"config": np.array(json.dumps(dataclasses.asdict(state.config)))}
+    for name in _STATE_ARRAYS:
+        if getattr(state, name) is not None:
+            arrays[name] = getattr(state, name)
+    if state.pca is not None:
+        arrays["pca_mean"], arrays["pca_projection"] = state.pca.mean, state.pca.projection
+    for name in ("inertia", "previous_inertia"):
+        if getattr(state, name) is not None:
+            arrays[name] = np.array(getattr(state, name))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes) -> TrainState:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        state = TrainState(TrainConfig(**json.loads(str(arrays["config"]))))
+    except (KeyError, ValueError, OSError, TypeError, zipfile.BadZipFile) as e:
+        raise InputError(f"a training state does not decode ({type(e).__name__}: {e}); it must come from "
+                         "state_to_bytes of the same ferry version") from None
+    for name in _STATE_ARRAYS:
+        setattr(state, name, arrays.get(name))
+    if "pca_mean" in arrays:
+        state.pca = PCA(arrays["pca_mean"], arrays["pca_projection"])
+    for name in ("inertia", "previous_inertia"):
+        if name in arrays:
+            setattr(state, name, float(arrays[name]))
+    return state
+
+
 
 _PARTIAL_TYPES = {t.__name__: t for t in (Moments, Sample, KMeansPartial, ClusterMoments)}
 
@@ -708,7 +864,7 @@ def partial_from_bytes(data: bytes):
                 v = arrays[f"{i}.{f.name}"]
                 kwargs[f.name] = v.item() if v.ndim == 0 else v
             items.append(cls(**kwargs))
-    except (KeyError, ValueError, OSError) as e:
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise InputError(f"a training partial does not decode ({type(e).__name__}: {e}); it must come from "
                          "partial_to_bytes of the same ferry version") from None
     return tuple(items) if bool(arrays["__tuple__"]) else items[0]
