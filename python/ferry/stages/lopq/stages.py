@@ -16,6 +16,8 @@ uploads the new state as a resource, and starts the next pass. Partials travel a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import collections
 import threading
 
@@ -157,7 +159,9 @@ class LopqEncodeStage:
 
 PHASES = ("chunk", "combine", "aggregate")
 _PARTIAL_SCHEMA = pa.schema([("partial", pa.binary())])
-_STATE_SCHEMA = pa.schema([("state", pa.binary()), ("inertia", pa.float64())])
+# state: the whole training state in float64 (npz), for the next pass; model: the LOPQModelParams
+# protobuf of that state once it is a complete model (empty before), what a driver keeps at the end.
+_STATE_SCHEMA = pa.schema([("state", pa.binary()), ("inertia", pa.float64()), ("model", pa.binary())])
 
 
 def _train_schema(input_schema: pa.Schema, params: dict) -> pa.Schema:
@@ -221,7 +225,7 @@ class LopqTrainStage:
             if state not in resources:
                 raise InvalidParamsError(f"Stage 'lopq_train' param 'state' names resource {state!r}, which this Run "
                                          "did not attach; upload it and list its digest in the Run's resources")
-            self._state = T.TrainState.from_bytes(cfg, resources[state])
+            self._state = dataclasses.replace(T.state_from_bytes(resources[state]), config=cfg)
         else:
             self._state = T.TrainState(cfg)
         self._vec = vector_col
@@ -253,4 +257,7 @@ class LopqTrainStage:
             raise InputError("Stage 'lopq_train' phase 'aggregate' received no partials: the data was empty")
         new = self._pass.aggregate(self._acc, self._state)
         inertia = float("nan") if new.inertia is None else new.inertia
-        return pa.RecordBatch.from_pydict({"state": [new.to_bytes()], "inertia": [inertia]}, schema=_STATE_SCHEMA)
+        model = new.model() if new.Cs is not None else None
+        return pa.RecordBatch.from_pydict({"state": [T.state_to_bytes(new)], "inertia": [inertia],
+                                           "model": [model.to_bytes() if model is not None and model.complete
+                                                     else b""]}, schema=_STATE_SCHEMA)

@@ -114,35 +114,6 @@ class TrainState:
             return False
         return self.previous_inertia - self.inertia <= self.config.tol * max(self.inertia, 1e-300)
 
-    def to_bytes(self) -> bytes:
-        """The state as an LOPQModelParams protobuf (a partial model), for shipping to executors."""
-        from ferry.v1 import lopq_pb2
-
-        if self.Cs is not None:
-            msg = self.model().to_proto()
-        else:
-            msg = lopq_pb2.LOPQModelParams(D=self.config.D, V=self.config.V, M=self.config.M)
-            if self.pca is not None:
-                msg.pca_mean.values.extend(self.pca.mean.astype(np.float32).tolist())
-                msg.pca_projection.values.extend(self.pca.projection.astype(np.float32).ravel().tolist())
-                msg.pca_projection.shape.extend(self.pca.projection.shape)
-        return msg.SerializeToString()
-
-    @classmethod
-    def from_bytes(cls, config: TrainConfig, data: bytes) -> "TrainState":
-        from ferry.stages.lopq.model import _parse
-
-        msg = _parse(bytes(data), "the training state")
-        state = cls(config)
-        if len(msg.Cs):
-            m = LOPQModel.from_proto(msg, source="the training state")
-            state.pca, state.Cs, state.Rs, state.mus, state.subs = m.pca, m.Cs, m.Rs, m.mus, m.subs
-        elif msg.HasField("pca_projection"):
-            shape = tuple(msg.pca_projection.shape)
-            state.pca = PCA(np.asarray(msg.pca_mean.values),
-                            np.asarray(msg.pca_projection.values).reshape(shape))
-        return state
-
 
 # --- pass: PCA moments -------------------------------------------------------------------------------
 

@@ -44,8 +44,8 @@ trait LopqEncoderParams extends LopqModelParams {
  * workers' `lopq_train` reduce stage: every pass (PCA moments, k-means++ samples, Lloyd steps,
  * local rotations, subquantizers) is a chunk per partition, a tree of combines of depth
  * `aggDepth` (Spark's `treeReduce`), and an aggregate on the driver that yields the next
- * training state. The states travel to the workers as content-addressed resources. Cache the
- * input: every pass reads it.
+ * training state. The states (float64, so the model is `ferry.lopq.fit`'s up to summation order)
+ * travel to the workers as content-addressed resources. Cache the input: every pass reads it.
  *
  * {{{
  *   val model = new LopqEncoder().setNumCoarseClusters(16).setNumSubquantizers(8).fit(vectors)
@@ -120,7 +120,8 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
     val rows = vectors.queryExecution.toRdd
     val inSchema = StructType(Seq(field))
     val depth = $(aggDepth)
-    var state = Array.empty[Byte]
+    var state = Array.empty[Byte] // the whole training state, float64 npz: what the next pass reads
+    var model = Array.empty[Byte] // the state as a model file, once it is a complete model
     var inertia = Double.NaN
     var lastImproved = true
 
@@ -139,6 +140,7 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
       val out = LopqEncoder.runOnce(conf, stageParams(dim, step, "aggregate", digest), LopqEncoder.PartialSchema,
         Iterator(LopqEncoder.partialRow(combined)), resources).toSeq
       state = out.head.getBinary(0)
+      model = out.head.getBinary(2)
       val previous = inertia
       inertia = out.head.getDouble(1)
       LopqEncoder.log.info(f"LOPQ training: $step done in ${(System.nanoTime() - t0) / 1e9}%.2f s" +
@@ -157,7 +159,8 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
     pass("sub_init")
     i = 0
     while (i < $(subIters)) { pass("sub_step"); i += 1; if (!lastImproved) i = $(subIters) }
-    copyValues(new LopqModel(Identifiable.randomUID("lopqModel"), state).setParent(this))
+    if (model.isEmpty) throw new ProtocolException("The lopq_train stage's last aggregate returned no model.", null)
+    copyValues(new LopqModel(Identifiable.randomUID("lopqModel"), model).setParent(this))
   }
 
   override def copy(extra: ParamMap): LopqEncoder = defaultCopy(extra)
