@@ -1,6 +1,6 @@
 """The PySpark path: ferry's stages as pyspark.ml stages, run in-process (no gRPC hop)."""
 
-__all__ = ["Convolve"]
+__all__ = ["Convolve", "TileReconstruct", "ferry_errors"]
 
 
 def __getattr__(name):
@@ -8,4 +8,10 @@ def __getattr__(name):
     if name == "Convolve":
         from ferry.spark.convolve import Convolve
         return Convolve
+    if name == "TileReconstruct":
+        from ferry.spark.tiles import TileReconstruct
+        return TileReconstruct
+    if name == "ferry_errors":
+        from ferry.spark.errors import ferry_errors
+        return ferry_errors
     raise AttributeError(f"module 'ferry.spark' has no attribute {name!r}")
