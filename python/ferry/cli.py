@@ -1,4 +1,4 @@
-"""The `ferry` console script: `ferry worker`, `ferry demo`, `ferry stages`."""
+"""The `ferry` console script: `ferry worker`, `ferry demo`, `ferry stages`, `ferry tiles`."""
 from __future__ import annotations
 
 import argparse
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ferry import demo
     demo.add_arguments(d)
     d.set_defaults(func=cmd_demo)
+
+    from ferry import cli_tiles
+    cli_tiles.add_parser(sub)
     return parser
 
 
