@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     r.add_argument("--master", default="local[2]", help="Spark master for --spark (default local[2])")
     r.add_argument("--driver-memory", help="spark.driver.memory for --spark, e.g. 1g")
     r.add_argument("--partitions", type=int, default=0,
-                   help="shuffle partitions for --spark (default: one per 4 output tiles)")
+                   help="shuffle partitions for --spark (default: Spark's, coalesced by adaptive execution)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_reconstruct)
 
@@ -141,7 +141,7 @@ def _reconstruct_spark(args) -> tuple[int, int, int]:
     spark.sparkContext.setLogLevel("ERROR")
     try:
         rec = TileReconstruct(operator=args.operator, operatorParams=_operator_params(args), strategy=args.strategy,
-                              radius=args.radius, numPartitions=args.partitions or max(1, math.ceil(total / 4)))
+                              radius=args.radius, numPartitions=args.partitions)
         with ferry_errors():
             out = rec.transform(spark.read.parquet(os.path.abspath(args.input)))
             # One partition at a time reaches the driver: its memory holds a few output tiles, not the image.
