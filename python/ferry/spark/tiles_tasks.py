@@ -40,9 +40,13 @@ def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> It
     """tiles_emit over one partition's source tiles; each tile decoded once, counted in ``reads``."""
     proc = registry.get("tiles_emit").open(params)
     for batch in batches:
-        out = proc.process(batch)
-        reads.add(batch.num_rows)
-        yield _with_extras(batch, out, params)
+        # One source at a time: its rows (up to (2r+1)^2 target-sized partials) are the largest
+        # batch this task holds, whatever spark.sql.execution.arrow.maxRecordsPerBatch says.
+        for i in range(batch.num_rows):
+            one = batch.slice(i, 1)
+            out = proc.process(one)
+            reads.add(1)
+            yield _with_extras(one, out, params)
 
 
 def _with_extras(src: pa.RecordBatch, out: pa.RecordBatch, params: dict) -> pa.RecordBatch:
