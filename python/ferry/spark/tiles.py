@@ -44,7 +44,11 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
 
     Every source tile is decoded once, in a ``mapInArrow`` that emits its partial (scatter) or
     its piece of each target's halo region (gather); the rows are shuffled by target and each
-    target is combined in ``applyInArrow``. Missing tiles count as zeros. Params are checked by
+    target is combined in ``applyInArrow``. Missing tiles count as zeros. What crosses the
+    shuffle depends on the strategy: scatter (``auto`` for linear operators) sends one
+    target-sized partial per (source, target) pair, (2r+1)^2 per source, mostly zeros for a small
+    kernel; gather sends only the part of each source inside each target's halo region, about
+    the input's size: prefer ``strategy="gather"`` for small kernels on large tiles. Params are checked by
     the ``tiles_emit`` stage contract on the driver, before data moves; so are duplicate and
     off-grid keys (a query on the key columns only). Errors inside tasks (corrupt bytes, a tile
     of the wrong shape or dtype) reach the driver as ``PythonException``; run the action inside
