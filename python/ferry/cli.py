@@ -1,4 +1,4 @@
-"""The `ferry` console script: `ferry worker`, `ferry demo`, `ferry stages`."""
+"""The `ferry` console script: `ferry worker`, `ferry demo`, `ferry stages`, `ferry tiles`."""
 from __future__ import annotations
 
 import argparse
@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(d)
     d.set_defaults(func=cmd_demo)
 
-    from ferry import cli_lopq
+    from ferry import cli_lopq, cli_tiles
     cli_lopq.add_parser(sub)
+    cli_tiles.add_parser(sub)
     return parser
 
 

@@ -416,16 +416,32 @@ def write_output(path: str, tiles: Iterable[tuple[TileKey, np.ndarray]], codec: 
     return count
 
 
+def _output_dataset(path: str) -> ds.Dataset:
+    return ds.dataset(path, format="parquet",
+                      partitioning=ds.partitioning(pa.schema([("image_id", pa.string())]), flavor="hive"))
+
+
+def output_metadata(path: str) -> pa.Table:
+    """image_id, z, x, y, height, width of every tile written by :func:`write_output` (no tile bytes read)."""
+    return _output_dataset(path).to_table(columns=["image_id", "z", "x", "y", "height", "width"])
+
+
+def iter_output(path: str, image_id: str | None = None, z: int | None = None) -> Iterator[tuple[TileKey, np.ndarray]]:
+    """The tiles written by :func:`write_output` (of one image and level, or all), decompressed one
+    Parquet batch at a time."""
+    filt = None
+    for name, value in (("image_id", image_id), ("z", z)):
+        if value is not None:
+            cond = ds.field(name) == value
+            filt = cond if filt is None else filt & cond
+    for batch in _output_dataset(path).to_batches(filter=filt):
+        cols = {c: batch.column(c).to_pylist() for c in ("image_id", "z", "x", "y")}
+        data = batch.column("data")
+        for i in range(batch.num_rows):
+            key = TileKey(cols["image_id"][i], cols["z"][i], cols["x"][i], cols["y"][i])
+            yield key, decompress_tile(data[i].as_py(), key)
+
+
 def read_output(path: str, image_id: str | None = None) -> dict[TileKey, np.ndarray]:
     """The tiles written by :func:`write_output` (of one image, or all), decompressed."""
-    dataset = ds.dataset(path, format="parquet",
-                         partitioning=ds.partitioning(pa.schema([("image_id", pa.string())]), flavor="hive"))
-    filt = None if image_id is None else ds.field("image_id") == image_id
-    table = dataset.to_table(filter=filt)
-    cols = {c: table.column(c).to_pylist() for c in ("image_id", "z", "x", "y")}
-    data = table.column("data")
-    out = {}
-    for i in range(table.num_rows):
-        key = TileKey(cols["image_id"][i], cols["z"][i], cols["x"][i], cols["y"][i])
-        out[key] = decompress_tile(data[i].as_py(), key)
-    return out
+    return dict(iter_output(path, image_id))
