@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Tiled reconstruction benchmark: the seed notebook's three approaches, ferry via PySpark and ferry
-in-process, against numpy/scipy on the whole image, in one run.
+"""Tiled reconstruction benchmark: the seed notebook's three approaches, ferry via PySpark, via Scala
+(with --assembly) and in-process, against numpy/scipy on the whole image, in one run.
 
-    .venv/bin/python benchmarks/tiles/run.py [--quick] [--skip-seed] [--skip-large]
+    .venv/bin/python benchmarks/tiles/run.py [--quick] [--skip-seed] [--skip-large] [--assembly JAR]
 
 Case "seed": the notebook's 6000x6000x4 int16 image(s) in 2000x2000 tiles, threshold_sum (the seed's
 operator) and a 5x5 convolve2d. Case "large": a 20000x20000 float32 image in 1000x1000 tiles from a
-tile store on disk, 5x5 convolve2d, the PySpark path with spark.driver.memory below the image size.
+tile store on disk, 5x5 convolve2d, the PySpark and Scala paths with spark.driver.memory below the
+image size. The Scala path (spark-submit of ferry.examples.TileDemo) reads a tile store: for the
+seed case one is written from the same synthetic tiles first.
 Every case runs in its own fresh process; peak memory is the largest sum of RSS over its process
 tree. Results go to benchmarks/results/tiles.json and tiles.md (see benchmarks/tiles/README.md).
 """
@@ -170,11 +172,10 @@ def child_core(a: dict) -> dict:
 
 def child_pyspark(a: dict) -> dict:
     """ferry.spark.TileReconstruct on local[2]: tiles in, output tiles written as Parquet."""
-    import pyarrow.parquet as pq
     from pyspark.sql import SparkSession, functions as F
 
     from ferry.spark import TileReconstruct, ferry_errors
-    from ferry.stages.tiles import decode_tile, encode_tile, synthetic_tile, TileKey
+    from ferry.stages.tiles import encode_tile, synthetic_tile, TileKey
     c = a["case"]
     t0 = time.perf_counter()
     b = SparkSession.builder.master("local[2]").appName("bench-tiles-pyspark")
@@ -218,16 +219,23 @@ def child_pyspark(a: dict) -> dict:
            "reads": rec.getSourceReads(), "pulls": pulls.value if not c.get("store") else None,
            "input_partitions": df.rdd.getNumPartitions()}
     spark.stop()
+    res["outputs"] = write_fingerprints(a["output"], a["fingerprints"])
+    return res
+
+
+def write_fingerprints(output: str, path: str) -> int:
+    """Fingerprints of every tile of an output Parquet directory, a few tiles at a time."""
+    import pyarrow.parquet as pq
+    from ferry.stages.tiles import TileKey, decode_tile
     fps = {}
-    for f in sorted(Path(a["output"]).glob("*.parquet")):
+    for f in sorted(Path(output).glob("*.parquet")):
         for batch in pq.ParquetFile(f).iter_batches(batch_size=4):
             cols = batch.to_pydict()
             for i in range(batch.num_rows):
                 k = TileKey(cols["image_id"][i], cols["z"][i], cols["x"][i], cols["y"][i])
                 fps[key_str(k)] = fingerprint(decode_tile(cols["pixels"][i]))
-    res["outputs"] = len(fps)
-    Path(a["fingerprints"]).write_text(json.dumps(fps))
-    return res
+    Path(path).write_text(json.dumps(fps))
+    return len(fps)
 
 
 def op_args_json(a: dict) -> dict:
@@ -303,14 +311,53 @@ class Bench:
         spark = self.child("pyspark", dict(base, output=str(out)))
         shutil.rmtree(out, ignore_errors=True)
         results = [floor, core, spark]
+        if self.args.assembly:
+            results.append(self.scala(case, base, conf, spark_strategy))
         ref = json.loads(Path(floor["fingerprints"]).read_text()) if floor.get("fingerprints") else None
         core["strategy"], spark["strategy"] = "strategy auto", f"strategy {spark_strategy}"
+        if len(results) > 3:
+            results[3]["strategy"] = f"strategy {spark_strategy}"
         for r in results:
             r["operator"] = operator
             if r is not floor and ref is not None and r.get("fingerprints"):
                 r["check"] = compare(json.loads(Path(r["fingerprints"]).read_text()), ref)
             r.pop("fingerprints", None)
         return results
+
+
+    def scala(self, case: dict, base: dict, conf: dict, strategy: str) -> dict:
+        """ferry.TileReconstruct via spark-submit (ferry.examples.TileDemo) over the case's tile store."""
+        import pyspark
+        store = case.get("store") or str(self.tmp / f"{case['name']}.parquet")
+        if not os.path.exists(store):
+            self.say(f"  writing a tile store of case {case['name']} for the Scala path")
+            write_store(case, store)
+        out = self.tmp / "out" / f"{case['name']}-{base['operator']}-scala"
+        tag = f"scala-{case['name']}-{base['operator']}"
+        settings = [x for k, v in conf.items() if k.startswith("spark.") and k != "spark.driver.memory"
+                    for x in ("--conf", f"{k}={v}")]
+        cmd = [os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit"), "--master", "local[2]",
+               "--driver-memory", conf.get("spark.driver.memory", "4g"), *settings,
+               "--conf", f"spark.ferry.python={self.python}", "--class", "ferry.examples.TileDemo",
+               "--jars", self.args.assembly, self.args.assembly, store, str(out),
+               "--operator", base["operator"], "--operator-params", json.dumps(op_args_json(base)),
+               "--strategy", strategy]
+        proc, log = self.run(cmd, tag)
+        res = {"method": "scala", **proc}
+        line = next((l for l in log.read_text(errors="replace").splitlines() if l.startswith("FERRY_TILES_RESULT")),
+                    None)
+        if line:
+            res.update(json.loads(line.split(" ", 1)[1]))
+            fp = self.tmp / f"{tag}.fp.json"
+            write_fingerprints(str(out), str(fp))
+            res["fingerprints"] = str(fp)
+        elif proc["timed_out"]:
+            res["note"] = f"did not finish in {self.args.timeout:.0f} s"
+        else:
+            res["error"] = self.cb.log_tail(log)
+        shutil.rmtree(out, ignore_errors=True)
+        self.say(f"  {tag}: {summary(res)}")
+        return res
 
 
 def summary(r: dict) -> str:
@@ -350,6 +397,7 @@ def main() -> None:
     p.add_argument("--driver-memory", default="4g", help="spark.driver.memory of the seed case (default 4g)")
     p.add_argument("--timeout", type=float, default=600, help="cap per case in seconds (default 600)")
     p.add_argument("--tmp", help="where stores and outputs go (the large case needs ~6 GB)")
+    p.add_argument("--assembly", help="ferry's assembly jar: also run ferry via Scala (ferry.TileReconstruct)")
     p.add_argument("--note", default="", help="a line for the report")
     p.add_argument("--from-json", help="re-render the Markdown from a results JSON")
     args = p.parse_args()
@@ -413,7 +461,7 @@ def main() -> None:
 # --- the report -------------------------------------------------------------------------------
 
 LABELS = {"floor": "numpy/scipy on the whole image (floor)", "core": "ferry in-process (iter_reconstruct)",
-          "pyspark": "ferry via PySpark (TileReconstruct)", "seed_naive": "seed: naive",
+          "pyspark": "ferry via PySpark (TileReconstruct)", "scala": "ferry via Scala (ferry.TileReconstruct)", "seed_naive": "seed: naive",
           "seed_grouped": "seed: grouped read", "seed_partial": "seed: partial reconstructions"}
 
 
@@ -485,7 +533,7 @@ def render(data: dict) -> str:
             lines.append("")
             n_sources = (c["size"] // c["tile"]) ** 2 * len(c["images"])
             for r in rs:
-                if r["method"] in ("core", "pyspark") and "seconds" in r:
+                if r["method"] in ("core", "pyspark", "scala") and "seconds" in r:
                     targets.append((f"{c['name']}/{op}: {LABELS[r['method']]} reads = source tiles",
                                     f"{r.get('reads')} of {n_sources}", r.get("reads") == n_sources))
                     if floor:
@@ -494,10 +542,14 @@ def render(data: dict) -> str:
                                         f"{ratio:.2f}x ({r['seconds']:.1f} s vs {floor['seconds']:.1f} s)",
                                         ratio <= 3))
             if c["name"] == "large":
-                ok = bool(sp) and sp.get("check", {}).get("missing") == 0
-                targets.append((f"large/{op}: PySpark completes with spark.driver.memory "
-                                f"{case['spark_conf']['spark.driver.memory']} < the {image_mb:.0f} MB image",
-                                "completed" if ok else "did not complete", ok))
+                for method, label in (("pyspark", "PySpark"), ("scala", "Scala")):
+                    r = next((r for r in rs if r["method"] == method), None)
+                    if r is None:
+                        continue
+                    ok = "seconds" in r and r.get("check", {}).get("missing") == 0
+                    targets.append((f"large/{op}: {label} completes with spark.driver.memory "
+                                    f"{case['spark_conf']['spark.driver.memory']} < the {image_mb:.0f} MB image",
+                                    "completed" if ok else "did not complete", ok))
     head = ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     head += [f"| {t} | {m_} | {'PASS' if ok else 'FAIL'} |" for t, m_, ok in targets]
     idx = next(i for i, l in enumerate(lines) if l.startswith("## "))

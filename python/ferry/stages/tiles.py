@@ -695,6 +695,10 @@ class Convolve2D(Operator):
         if dtype.kind == "b":
             raise InvalidParamsError("convolve2d of a boolean tile with a boolean kernel is not defined "
                                      "(scipy refuses it too); cast the tiles or the kernel to a number")
+        if dtype.kind == "f":
+            # ndimage's direct loop is several times faster than signal.convolve2d's for the
+            # same sums (and keeps a NaN or inf as local); integers keep signal's wrapping.
+            return _per_channel(lambda a: _ndimage_convolve(a, k, mode), x)
         return _per_channel(lambda a: scipy.signal.convolve2d(a, k, mode=mode), x)
 
     def expand(self, tile):
@@ -702,6 +706,22 @@ class Convolve2D(Operator):
 
     def region(self, region, shape, grid, radius):
         return self._conv(region, "valid")
+
+
+def _ndimage_convolve(a: np.ndarray, k: np.ndarray, mode: str) -> np.ndarray:
+    """``scipy.signal.convolve2d(a, k, mode)`` for mode 'full' or 'valid', by scipy.ndimage.
+
+    ndimage centres the kernel at (kh // 2, kw // 2) and reads zeros beyond the edges; its
+    output at (i, j) is the full convolution's at (i + kh // 2, j + kw // 2).
+    """
+    kh, kw = k.shape
+    if mode == "full":
+        a = np.pad(a, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+    h, w = a.shape
+    if h < kh or w < kw:
+        return np.zeros((max(h - kh + 1, 0), max(w - kw + 1, 0)), a.dtype)
+    out = scipy.ndimage.convolve(a, k, mode="constant", cval=0.0)
+    return out[kh - 1 - kh // 2:h - kh // 2, kw - 1 - kw // 2:w - kw // 2]
 
 
 class Median(Operator):

@@ -116,7 +116,8 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
    * `resources` (e.g. a model) are uploaded once per worker.
    */
   private[ferry] def execute(dataset: Dataset[_], stage: String, params: String, cols: Seq[String],
-      outSchema: StructType, resources: Seq[Array[Byte]] = Nil): DataFrame = {
+      outSchema: StructType, resources: Seq[Array[Byte]] = Nil,
+      rowsIn: Option[org.apache.spark.util.LongAccumulator] = None): DataFrame = {
     val conf = FerryConf.get(dataset.sparkSession)
     val selected = dataset.select(cols.map(c => col(s"`$c`")): _*)
     val inSchema = selected.schema
@@ -130,7 +131,8 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       val input = selected.queryExecution.toRdd
       Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
       val rdd = input.mapPartitions { rows =>
-        runPartition(conf, stage, params, inSchema, rows, resources)((reader, msg) => reader.batchRows(msg))
+        val counted = rowsIn.fold(rows)(acc => rows.map { r => acc.add(1); r })
+        runPartition(conf, stage, params, inSchema, counted, resources)((reader, msg) => reader.batchRows(msg))
       }
       InternalFrames.create(dataset.sparkSession, rdd, outSchema)
     }

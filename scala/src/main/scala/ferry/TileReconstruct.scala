@@ -132,10 +132,20 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
     val emitSchema = pool.withClient(_.describe(TileReconstruct.Emit, params,
       Some(StructType(cols.map(dataset.schema(_)))))).outputSchema.get
     val outSchema = pool.withClient(_.describe(TileReconstruct.Reduce, params, Some(emitSchema))).outputSchema.get
-    val emitted = PythonStage.execute(dataset, TileReconstruct.Emit, params, cols, emitSchema)
+    val reads = dataset.sparkSession.sparkContext.longAccumulator("ferry source tiles read")
+    sourceReads = Some(reads)
+    val emitted = PythonStage.execute(dataset, TileReconstruct.Emit, params, cols, emitSchema, rowsIn = Some(reads))
     PythonStage.executeGrouped(emitted, TileReconstruct.Reduce, params, emitSchema.fieldNames.toSeq,
       TileReconstruct.TileColumns.take(4), outSchema)
   }
+
+  @transient private var sourceReads: Option[org.apache.spark.util.LongAccumulator] = None
+
+  /**
+   * Source tiles read by the jobs of the last `transform`'s output so far: one per tile when the
+   * output is computed once (a repeated action or a retried task reads again).
+   */
+  def getSourceReads: Long = sourceReads.map(_.value.longValue).getOrElse(0L)
 
   override def copy(extra: ParamMap): TileReconstruct = defaultCopy(extra)
 }

@@ -84,6 +84,15 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("TileDemo (the benchmark's Scala job) reports one read per source tile and writes every output tile") {
+    val (rec, in, out) = ferry.examples.TileDemo.parse(Seq(store, new File(dir, "demo-out").getAbsolutePath,
+      "--operator", "median", "--operator-params", """{"size": 3}""", "--strategy", "gather"))
+    val line = ferry.examples.TileDemo.run(spark, rec, in, out)
+    val result = Json.decodeObject(line.stripPrefix("FERRY_TILES_RESULT "))
+    assert(result.get("reads") == 12 + 9 && result.get("outputs") == 12 + 9, line)
+    intercept[IllegalArgumentException](ferry.examples.TileDemo.parse(Seq(store, "out")))
+  }
+
   test("bad params, columns and tiles fail with typed exceptions naming the problem") {
     val tiles = spark.read.parquet(store)
     assert(intercept[InvalidParamsException](new TileReconstruct().transform(tiles)).getMessage.contains("operator"))
