@@ -52,3 +52,9 @@ class RunningSum:
 
     def finish(self):
         return {"total": [self.total]}
+
+
+@stage("repeat", params=[Param("times", "int", "Copies of each row.", check=lambda v: None if v >= 1 else "must be >= 1")],
+       output_schema=lambda schema, params: schema, doc="Each input row `times` times (output larger than input).")
+def repeat(batch, times):
+    return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), times)))

@@ -176,6 +176,20 @@ def test_dead_worker_is_not_a_stage_error():
     w.stop()
 
 
+def test_an_output_over_the_message_limit_is_a_clear_stage_error():
+    w = start_worker(stages=["tests.stages_for_tests"], env={"PYTHONPATH": ROOT}, max_message_bytes=1 << 20)
+    c = w.client()
+    try:
+        x = pa.table({"x": np.arange(1000.0)})
+        assert c.run_table("repeat", {"times": 10}, x).num_rows == 10_000  # 80 KB: fine
+        with pytest.raises(StageFailedError, match=r"over the 1,048,576-byte message limit .* Raise the limit"):
+            c.run_table("repeat", {"times": 1000}, x)  # 8 MB in one output batch
+        assert c.health() == "SERVING"  # the worker lives on
+    finally:
+        c.close()
+        w.stop()
+
+
 def test_worker_refuses_to_start_without_token():
     proc = subprocess.run([sys.executable, "-m", "ferry", "worker"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "a bearer token is required" in proc.stderr

@@ -35,14 +35,15 @@ def _read_token(path: str | None) -> str | None:
 
 
 def cmd_worker(args) -> int:
-    from ferry.worker.server import create_server
+    from ferry.worker.server import MAX_MESSAGE_BYTES, create_server
 
     _import_stage_modules(args.stages)
     token = _read_token(args.token_file)
     if token is None and not args.insecure_no_token:
         raise SystemExit("ferry worker: a bearer token is required: pass --token-file FILE "
                          "(or --insecure-no-token for a throwaway local experiment)")
-    server, port = create_server(f"{args.host}:{args.port}", token=token, max_workers=args.threads)
+    server, port = create_server(f"{args.host}:{args.port}", token=token, max_workers=args.threads,
+                                 max_message_bytes=args.max_message_bytes or MAX_MESSAGE_BYTES)
     server.start()
     if args.port_file:
         tmp = f"{args.port_file}.tmp"
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port-file", help="write the bound port here once serving (atomically)")
     w.add_argument("--stages", help="comma-separated Python modules that register more stages")
     w.add_argument("--threads", type=int, default=8, help="concurrent calls (default 8)")
+    w.add_argument("--max-message-bytes", type=int,
+                   help="largest gRPC message either way; one row travels in one message "
+                        "(default: ferry.worker.server.MAX_MESSAGE_BYTES, 512 MiB)")
     w.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on SIGTERM")
     w.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the process that started the worker dies (used by the JVM pool)")

@@ -47,7 +47,7 @@ class WorkerProcess:
 
 
 def start_worker(python: str | None = None, stages: Sequence[str] = (), timeout: float = 60.0,
-                 env: dict | None = None) -> WorkerProcess:
+                 env: dict | None = None, max_message_bytes: int | None = None) -> WorkerProcess:
     """Starts `python -m ferry worker` on a free loopback port with a fresh token.
 
     Waits for the worker's ready line (no polling); if the process exits first, the error
@@ -63,6 +63,8 @@ def start_worker(python: str | None = None, stages: Sequence[str] = (), timeout:
            "--token-file", token_file, "--port-file", os.path.join(workdir.name, "port"), "--exit-with-parent"]
     if stages:
         cmd += ["--stages", ",".join(stages)]
+    if max_message_bytes:
+        cmd += ["--max-message-bytes", str(max_message_bytes)]
     stderr_path = os.path.join(workdir.name, "stderr.log")
     stderr = open(stderr_path, "wb")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,

@@ -22,7 +22,9 @@ log = logging.getLogger("ferry.worker")
 
 SERVICE_NAME = "ferry.v1.Worker"
 ERROR_TRAILER = "ferry-stage-error-bin"
-MAX_MESSAGE_BYTES = 64 << 20
+#: Largest gRPC message either way. One row travels in one message, and a tile partial or a model
+#: can be a few hundred MB: the default leaves room; `ferry worker --max-message-bytes` changes it.
+MAX_MESSAGE_BYTES = 512 << 20
 
 _CODES = {
     "unknown_stage": grpc.StatusCode.NOT_FOUND,
@@ -79,10 +81,24 @@ def _as_batch(result, schema: pa.Schema, stage: str) -> pa.RecordBatch:
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, token: str | None):
+    def __init__(self, token: str | None, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._token = token
+        self._max_message = max_message_bytes
         self._resources: dict[str, bytes] = {}
         self._lock = threading.Lock()
+
+    def _message(self, out: pa.RecordBatch, stage: str) -> pb.RunResponse:
+        """An output batch as a message, or a clear error when it is over the message limit (gRPC
+        would drop the stream with a bare RESOURCE_EXHAUSTED that reads like a dead worker)."""
+        data = arrow.batch_to_bytes(out)
+        if len(data) > self._max_message - 1024:
+            biggest = max((c.nbytes for c in out.columns), default=0) // max(out.num_rows, 1)
+            raise StageFailedError(
+                f"Stage {stage!r} returned a batch of {out.num_rows} row(s) and {len(data):,} bytes, over the "
+                f"{self._max_message:,}-byte message limit (about {biggest:,} bytes per row). Raise the limit "
+                "(spark.ferry.grpc.maxMessageBytes from Spark, ferry worker --max-message-bytes), or send "
+                "smaller rows (e.g. smaller tiles)")
+        return pb.RunResponse(batch=pb.Batch(arrow=data))
 
     def _authorize(self, context) -> None:
         if self._token is None:
@@ -172,7 +188,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 m.rows_in += batch.num_rows
                 m.batches_out += 1
                 m.rows_out += out.num_rows
-                yield pb.RunResponse(batch=pb.Batch(arrow=arrow.batch_to_bytes(out)))
+                yield self._message(out, stage_name)
             if not ended:
                 raise ProtocolError("The Run stream closed without End; the client may have died")
             tail = processor.finish() if hasattr(processor, "finish") else None
@@ -181,7 +197,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if out.num_rows:
                     m.batches_out += 1
                     m.rows_out += out.num_rows
-                    yield pb.RunResponse(batch=pb.Batch(arrow=arrow.batch_to_bytes(out)))
+                    yield self._message(out, stage_name)
             yield pb.RunResponse(metrics=m)
             yield pb.RunResponse(end=pb.End())
         except Exception as e:  # noqa: BLE001 - every failure becomes a typed status
@@ -190,15 +206,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             log.info("Run of %r ended after the client left: %s", stage_name, e)
 
 
-def create_server(address: str = "127.0.0.1:0", token: str | None = None, max_workers: int = 8):
+def create_server(address: str = "127.0.0.1:0", token: str | None = None, max_workers: int = 8,
+                  max_message_bytes: int = MAX_MESSAGE_BYTES):
     """Builds (but does not start) a worker server; returns (server, bound port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ferry-run"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(token), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(token, max_message_bytes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

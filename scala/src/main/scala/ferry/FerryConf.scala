@@ -26,7 +26,7 @@ import org.apache.spark.sql.SparkSession
  * | `spark.ferry.worker.startTimeout` | `60s` | how long a new worker may take to report its port |
  * | `spark.ferry.batch.maxRows` | `65536` | rows per Arrow batch sent to a worker |
  * | `spark.ferry.batch.maxBytes` | `4m` | bytes per Arrow batch message (a single larger row travels alone) |
- * | `spark.ferry.grpc.maxMessageBytes` | `64m` | gRPC message limit, both directions (the worker's limit is 64 MiB) |
+ * | `spark.ferry.grpc.maxMessageBytes` | `512m` | gRPC message limit, both directions, also given to the workers ferry starts (`--max-message-bytes`); one row travels in one message |
  * | `spark.ferry.run.maxInFlight` | `4` | batches sent to a worker and not yet answered, per stream (back-pressure) |
  * | `spark.ferry.rpc.timeout` | `120s` | deadline of unary calls (ListStages, Describe, health checks) |
  * | `spark.ferry.arrow.maxAllocation` | `2g` | Arrow off-heap memory ferry may hold per JVM |
@@ -129,7 +129,7 @@ object FerryConf {
       }
     }.getOrElse(default)
 
-    val maxMessage = bytes(GrpcMaxMessageBytes, "64m")
+    val maxMessage = bytes(GrpcMaxMessageBytes, "512m")
     require(maxMessage <= Int.MaxValue, s"$GrpcMaxMessageBytes must be below 2g, got $maxMessage")
     FerryConf(
       python = opt(Python).getOrElse("python3"),

@@ -353,7 +353,7 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
           if (b.size() > client.maxMessageBytes) {
             throw new FerryException(s"An Arrow batch of ${b.size()} bytes for stage '$stage' exceeds the gRPC " +
               s"message limit of ${client.maxMessageBytes} bytes: a single row is too large. Raise " +
-              s"${FerryConf.GrpcMaxMessageBytes} (the worker accepts 64 MiB at most) or make rows smaller.")
+              s"${FerryConf.GrpcMaxMessageBytes} (also the limit of the workers ferry starts) or make rows smaller.")
           }
           requests.onNext(RunRequest.newBuilder().setBatch(Batch.newBuilder().setArrow(b)).build())
           sent += 1

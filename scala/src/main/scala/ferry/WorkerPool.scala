@@ -153,7 +153,8 @@ final class WorkerPool private (val conf: FerryConf) {
     val logDir = conf.workerLogDir.map(d => Files.createDirectories(Paths.get(d))).getOrElse(dir)
     val logFile = logDir.resolve(s"worker-${ProcessHandle.current().pid()}-$n.log")
     val cmd = Seq(conf.python, "-m", "ferry", "worker", "--host", "127.0.0.1", "--port", "0",
-      "--token-file", tokenFile.toString, "--port-file", portFile.toString, "--exit-with-parent") ++
+      "--token-file", tokenFile.toString, "--port-file", portFile.toString, "--exit-with-parent",
+      "--max-message-bytes", conf.grpcMaxMessageBytes.toString) ++
       (if (conf.workerStages.nonEmpty) Seq("--stages", conf.workerStages.mkString(",")) else Nil)
     val pb = new ProcessBuilder(cmd.asJava)
     pb.redirectError(ProcessBuilder.Redirect.appendTo(logFile.toFile))
