@@ -282,10 +282,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       val input = new RunMessages(pid, group, cursor, g == lastGroup, rowsPerBatch, runner.bufferAllocator)
       runner.streamMessages(Stage, paramsJson, input.schema, input, input)((reader, msg) => reader.batchRows(msg))
     }
-    output ++ new Iterator[InternalRow] { // returns the worker as soon as the output is exhausted
-      def hasNext: Boolean = { runner.close(); false }
-      def next(): InternalRow = throw new NoSuchElementException
-    }
+    runner.closingAfter(output)
   }
 
   /** A read position in a partition's chunks, shared by the groups of runs streamed in turn. */

@@ -167,10 +167,7 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
           runner.stream(stage, params, inSchema, group)((reader, msg) => reader.batchRows(msg))
         }
       }
-      groups.flatten ++ new Iterator[Nothing] { // returns the worker as soon as the output is exhausted
-        def hasNext: Boolean = { runner.close(); false }
-        def next(): Nothing = throw new NoSuchElementException
-      }
+      runner.closingAfter(groups.flatten)
     }
     InternalFrames.create(dataset.sparkSession, rdd, outSchema)
   }
@@ -179,11 +176,7 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       rows: Iterator[InternalRow], resources: Seq[Array[Byte]])(
       convert: (ArrowBatches.Reader, com.google.protobuf.ByteString) => Iterator[T]): Iterator[T] = {
     val runner = new StageRunner(conf, stage)
-    try runner.stream(stage, paramsJson, schema, rows, resources)(convert) ++
-      new Iterator[Nothing] { // closes the runner (returns the worker) as soon as the output is exhausted
-        def hasNext: Boolean = { runner.close(); false }
-        def next(): Nothing = throw new NoSuchElementException
-      }
+    try runner.closingAfter(runner.stream(stage, paramsJson, schema, rows, resources)(convert))
     catch {
       case e: Throwable =>
         runner.close()

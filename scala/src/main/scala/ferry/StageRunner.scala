@@ -96,6 +96,12 @@ private[ferry] final class StageRunner(conf: FerryConf, name: String) extends Au
     out.flatten
   }
 
+  /** `output`, then the runner closed (its worker returned) as soon as `output` is exhausted. */
+  def closingAfter[T](output: Iterator[T]): Iterator[T] = output ++ new Iterator[T] {
+    def hasNext: Boolean = { close(); false }
+    def next(): T = throw new NoSuchElementException
+  }
+
   private def guard[T](body: => T): T =
     try body
     catch {

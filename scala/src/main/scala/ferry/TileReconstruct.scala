@@ -94,14 +94,17 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
     }
   }
 
+  /** The worker's checks of both stages for these columns and params: (emit's output, the result). */
+  private def describe(pool: WorkerPool, schema: StructType, params: String): (StructType, StructType) = {
+    val emitted = pool.withClient(_.describe(TileReconstruct.Emit, params,
+      Some(StructType(inputCols(schema).map(schema(_)))))).outputSchema.get
+    (emitted, pool.withClient(_.describe(TileReconstruct.Reduce, params, Some(emitted))).outputSchema.get)
+  }
+
   override def transformSchema(schema: StructType): StructType = {
     checkOperator()
     checkColumns(schema)
-    val pool = WorkerPool.get(PythonStage.activeConf)
-    val tile = ($(tileHeight), $(tileWidth))
-    val emitted = pool.withClient(_.describe(TileReconstruct.Emit, stageParams(tile),
-      Some(StructType(inputCols(schema).map(schema(_)))))).outputSchema.get
-    pool.withClient(_.describe(TileReconstruct.Reduce, stageParams(tile), Some(emitted))).outputSchema.get
+    describe(WorkerPool.get(PythonStage.activeConf), schema, stageParams(($(tileHeight), $(tileWidth))))._2
   }
 
   /** The tile size: the params, or the one size the data's tile_height / tile_width columns hold. */
@@ -128,10 +131,7 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
     val tile = tileSize(dataset)
     val params = stageParams(tile)
     val cols = inputCols(dataset.schema)
-    val pool = WorkerPool.get(FerryConf.get(dataset.sparkSession))
-    val emitSchema = pool.withClient(_.describe(TileReconstruct.Emit, params,
-      Some(StructType(cols.map(dataset.schema(_)))))).outputSchema.get
-    val outSchema = pool.withClient(_.describe(TileReconstruct.Reduce, params, Some(emitSchema))).outputSchema.get
+    val (emitSchema, outSchema) = describe(WorkerPool.get(FerryConf.get(dataset.sparkSession)), dataset.schema, params)
     val reads = dataset.sparkSession.sparkContext.longAccumulator("ferry source tiles read")
     sourceReads = Some(reads)
     val emitted = PythonStage.execute(dataset, TileReconstruct.Emit, params, cols, emitSchema, rowsIn = Some(reads))
