@@ -206,17 +206,51 @@ object ArrowBatches {
   }
 
   /**
+   * The rows of a sequence of batches, one reused row view per batch (no copies). One flat
+   * iterator instead of nested flatMaps: the writer downstream calls hasNext/next per row.
+   */
+  def rows(batches: Iterator[ColumnarBatch]): Iterator[InternalRow] = new BatchRows(batches)
+
+  private final class BatchRows(batches: Iterator[ColumnarBatch]) extends Iterator[InternalRow] {
+    private var batch: ColumnarBatch = _
+    private var n = 0
+    private var i = 0
+
+    override def hasNext: Boolean = i < n || {
+      while (i >= n && batches.hasNext) {
+        batch = batches.next()
+        n = batch.numRows()
+        i = 0
+      }
+      i < n
+    }
+
+    override def next(): InternalRow = {
+      if (!hasNext) throw new NoSuchElementException("no more rows")
+      val row = batch.getRow(i)
+      i += 1
+      row
+    }
+  }
+
+  /**
    * The first `rows` rows of `root`'s vectors as one record-batch message; the vectors are then
    * reset (capacity kept) for the next batch.
    */
   def serializeAndReset(root: VectorSchemaRoot, rows: Int): ByteString = {
     root.setRowCount(rows)
-    val out = new ByteArrayOutputStream(64 * 1024)
     val batch = new VectorUnloader(root).getRecordBatch
+    // Sized for the body plus the flatbuffer header, so the message is written in one buffer
+    // and handed to protobuf without the growing and the final copy of a plain stream.
+    val out = new MessageBytes(batch.computeBodyLength() + 4096)
     try MessageSerializer.serialize(new WriteChannel(Channels.newChannel(out)), batch)
     finally batch.close()
     root.getFieldVectors.asScala.foreach(_.reset())
-    UnsafeByteOperations.unsafeWrap(out.toByteArray)
+    out.toByteString
+  }
+
+  private final class MessageBytes(size: Long) extends ByteArrayOutputStream(math.min(size, Int.MaxValue - 8).toInt) {
+    def toByteString: ByteString = UnsafeByteOperations.unsafeWrap(buf, 0, count)
   }
 
   private def countBuffers(f: Field): Int = {
@@ -367,7 +401,7 @@ object ArrowBatches {
      * until the next `load` or `close`. Spark operators that keep rows copy them (the
      * `InternalRow` contract), and a scan projects each row as it is taken.
      */
-    def batchRows(message: ByteString): Iterator[InternalRow] = load(message).rowIterator().asScala
+    def batchRows(message: ByteString): Iterator[InternalRow] = ArrowBatches.rows(Iterator.single(load(message)))
 
     /** The rows of one message as external `Row`s (for `createDataFrame` / `mapPartitions`). */
     def externalRows(message: ByteString): Iterator[Row] = {

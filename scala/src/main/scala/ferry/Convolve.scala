@@ -2,7 +2,7 @@ package ferry
 
 import com.google.protobuf.ByteString
 import org.apache.arrow.memory.BufferAllocator
-import org.apache.arrow.vector.{BigIntVector, BitVector, Float8Vector, VectorSchemaRoot}
+import org.apache.arrow.vector.{BigIntVector, BitVector, BitVectorHelper, Float8Vector, VectorSchemaRoot}
 import org.apache.arrow.vector.types.pojo.Schema
 import org.apache.spark.broadcast.Broadcast
 import org.apache.spark.ml.Transformer
@@ -12,6 +12,7 @@ import org.apache.spark.rdd.RDD
 import org.apache.spark.sql.{DataFrame, Dataset, Row}
 import org.apache.spark.sql.catalyst.InternalRow
 import org.apache.spark.sql.vectorized.ColumnarBatch
+import org.apache.spark.unsafe.Platform
 import org.apache.spark.sql.ferry.InternalFrames
 import org.apache.spark.sql.functions.{col, lit}
 import org.apache.spark.sql.types._
@@ -176,7 +177,7 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
       col(s"`${$(realCol)}`").cast(DoubleType).as("real"), imagExpr.as("imag"))
 
     def plan(source: Convolve.Source, maxRuns: Int): Array[PartitionPlan] = FerryException.unwrapping {
-      source.chunks(nm).mapPartitionsWithIndex((pid, chunks) => Iterator(planPartition(pid, chunks, k, maxRuns)))
+      source.chunks(nm, forPlanning = true).mapPartitionsWithIndex((pid, chunks) => Iterator(planPartition(pid, chunks, k, maxRuns)))
         .collect()
     }
 
@@ -249,19 +250,21 @@ object Convolve extends DefaultParamsReadable[Convolve] {
   /** Where a partition's samples come from: Spark rows, or a columnar scan's batches. */
   private[ferry] sealed trait Source {
     def numPartitions: Int
-    def chunks(names: Names): RDD[SampleChunk]
+    /** The samples in chunks; `forPlanning` chunks need only be readable until the next one. */
+    def chunks(names: Names, forPlanning: Boolean = false): RDD[SampleChunk]
   }
 
   private[ferry] final case class RowSource(rdd: RDD[InternalRow]) extends Source {
     def numPartitions: Int = rdd.getNumPartitions
-    def chunks(names: Names): RDD[SampleChunk] =
+    def chunks(names: Names, forPlanning: Boolean): RDD[SampleChunk] =
       rdd.mapPartitionsWithIndex((pid, rows) => SampleChunks.fromRows(rows, names, pid), preservesPartitioning = true)
   }
 
   private[ferry] final case class ColumnarSource(rdd: RDD[ColumnarBatch], ordinals: Array[Int]) extends Source {
     def numPartitions: Int = rdd.getNumPartitions
-    def chunks(names: Names): RDD[SampleChunk] = rdd.mapPartitionsWithIndex(
-      (pid, batches) => SampleChunks.fromBatches(batches, ordinals, names, pid), preservesPartitioning = true)
+    def chunks(names: Names, forPlanning: Boolean): RDD[SampleChunk] = rdd.mapPartitionsWithIndex(
+      (pid, batches) => SampleChunks.fromBatches(batches, ordinals, names, pid, copyValues = !forPlanning),
+      preservesPartitioning = true)
   }
 
   /** Streams one partition's runs with their halos through a pooled worker. */
@@ -280,9 +283,10 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     val rowsPerBatch = math.max(1L, math.min(conf.batchMaxRows.toLong, (conf.batchMaxBytes - 1024) / 25)).toInt
     val output = groups.iterator.zipWithIndex.flatMap { case (group, g) =>
       val input = new RunMessages(pid, group, cursor, g == lastGroup, rowsPerBatch, runner.bufferAllocator)
-      runner.streamMessages(Stage, paramsJson, input.schema, input, input)((reader, msg) => reader.batchRows(msg))
+      runner.streamMessages(Stage, paramsJson, input.schema, input, input)(
+        (reader, msg) => Iterator.single(reader.load(msg)))
     }
-    runner.closingAfter(output)
+    ArrowBatches.rows(runner.closingAfter(output))
   }
 
   /** A read position in a partition's chunks, shared by the groups of runs streamed in turn. */
@@ -358,18 +362,33 @@ object Convolve extends DefaultParamsReadable[Convolve] {
           case _ => n = halo(n, p.run.end + i, p.rightRe, p.rightIm)
         }
       }
+      // No sample is null: every row is valid. The halo flags were set row by row (halo rows
+      // are few); the vectors come zeroed from allocateNew / reset.
+      val validBytes = (n + 7) / 8
+      root.getFieldVectors.forEach(v => v.getValidityBuffer.setOne(0L, validBytes.toLong))
       ArrowBatches.serializeAndReset(root, n)
+    }
+
+    // The vectors are filled with bulk copies from the chunks' arrays: per-element set() calls
+    // check bounds and set a validity bit each, and took most of the compute pass's JVM time.
+    private def putSamples(n: Int, firstId: Long, re: Array[Double], im: Array[Double], from: Int, m: Int): Unit = {
+      val ids = idV.getDataBufferAddress + 8L * n
+      var j = 0
+      while (j < m) {
+        Platform.putLong(null, ids + 8L * j, firstId + j)
+        j += 1
+      }
+      val src = Platform.DOUBLE_ARRAY_OFFSET + 8L * from
+      Platform.copyMemory(re, src, null, reV.getDataBufferAddress + 8L * n, 8L * m)
+      Platform.copyMemory(im, src, null, imV.getDataBufferAddress + 8L * n, 8L * m)
     }
 
     private def halo(n: Int, firstId: Long, re: Array[Double], im: Array[Double]): Int = {
       val m = math.min(rowsPerBatch - n, re.length - i.toInt)
-      val from = i.toInt
+      putSamples(n, firstId, re, im, i.toInt, m)
       var j = 0
       while (j < m) {
-        idV.set(n + j, firstId + j)
-        reV.set(n + j, re(from + j))
-        imV.set(n + j, im(from + j))
-        haloV.set(n + j, 1)
+        BitVectorHelper.setBit(haloV.getDataBuffer, (n + j).toLong)
         j += 1
       }
       i += m
@@ -406,14 +425,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       }
       check(0, h, run.headRe, run.headIm, 0)
       check(run.length - h, run.length, run.tailRe, run.tailIm, run.length - h)
-      j = 0
-      while (j < m) {
-        idV.set(n + j, expected + j)
-        reV.set(n + j, c.re(off + j))
-        imV.set(n + j, c.im(off + j))
-        haloV.set(n + j, 0)
-        j += 1
-      }
+      putSamples(n, expected, c.re, c.im, off, m)
       in.pos += m
       i += m
       n + m

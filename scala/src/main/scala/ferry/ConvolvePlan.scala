@@ -104,12 +104,12 @@ private[ferry] object ConvolvePlan {
         while (j < stretch) {
           if (k > 0) {
             if (len < k) {
-              headRe(len.toInt) = c.re(i)
-              headIm(len.toInt) = c.im(i)
+              headRe(len.toInt) = c.reAt(i)
+              headIm(len.toInt) = c.imAt(i)
             }
             val pos = (len % k).toInt
-            tailRe(pos) = c.re(i)
-            tailIm(pos) = c.im(i)
+            tailRe(pos) = c.reAt(i)
+            tailIm(pos) = c.imAt(i)
           }
           prev = c.ids(i)
           len += 1

@@ -132,7 +132,8 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
       val rdd = input.mapPartitions { rows =>
         val counted = rowsIn.fold(rows)(acc => rows.map { r => acc.add(1); r })
-        runPartition(conf, stage, params, inSchema, counted, resources)((reader, msg) => reader.batchRows(msg))
+        ArrowBatches.rows(runPartition(conf, stage, params, inSchema, counted, resources)(
+          (reader, msg) => Iterator.single(reader.load(msg))))
       }
       InternalFrames.create(dataset.sparkSession, rdd, outSchema)
     }

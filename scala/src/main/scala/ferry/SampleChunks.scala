@@ -16,7 +16,13 @@ import ferry.ConvolvePlan.Names
  * over as rows or, for a columnar scan such as Parquet, as column batches copied in bulk (which
  * skips a row conversion per sample in each pass).
  */
-private[ferry] final class SampleChunk(val n: Int, val ids: Array[Long], val re: Array[Double], val im: Array[Double])
+private[ferry] final class SampleChunk(val n: Int, val ids: Array[Long], val re: Array[Double], val im: Array[Double],
+    reVector: ColumnVector = null, imVector: ColumnVector = null) {
+  // A chunk read for planning keeps its values in the scan's vectors (valid until the next
+  // batch): the plan reads only a few samples per run, so they are not copied out.
+  def reAt(i: Int): Double = if (re ne null) re(i) else reVector.getDouble(i)
+  def imAt(i: Int): Double = if (im ne null) im(i) else imVector.getDouble(i)
+}
 
 private[ferry] object SampleChunks {
 
@@ -59,7 +65,7 @@ private[ferry] object SampleChunks {
 
   /** Chunks copied out of column batches whose columns `ordinals` are (id bigint, real double, imag double). */
   def fromBatches(batches: Iterator[ColumnarBatch], ordinals: Array[Int], names: Names,
-      pid: Int): Iterator[SampleChunk] = new Iterator[SampleChunk] {
+      pid: Int, copyValues: Boolean = true): Iterator[SampleChunk] = new Iterator[SampleChunk] {
     private var seen = 0L
     def hasNext: Boolean = batches.hasNext
     def next(): SampleChunk = {
@@ -74,7 +80,8 @@ private[ferry] object SampleChunks {
       if (rev.hasNull) throw nullValue(names.real, ids(firstNull(rev, n)))
       if (imv.hasNull) throw nullValue(names.imag, ids(firstNull(imv, n)))
       seen += n
-      new SampleChunk(n, ids, rev.getDoubles(0, n), imv.getDoubles(0, n))
+      if (copyValues) new SampleChunk(n, ids, rev.getDoubles(0, n), imv.getDoubles(0, n))
+      else new SampleChunk(n, ids, null, null, rev, imv)
     }
   }
 
