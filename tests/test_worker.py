@@ -228,3 +228,17 @@ def test_worker_exits_when_its_parent_dies(tmp_path):
     parent.stdout.close()
     worker.wait(timeout=30)
     assert not worker.is_running()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 128, 300, 16_381, 16_384, 2_097_152 + 3])
+def test_batch_responses_encoded_by_hand_equal_protobufs(size):
+    # Run's output batches skip the protobuf message (two copies of every output byte); the
+    # bytes must be exactly what protobuf would send, across the varint length boundaries.
+    from ferry.v1 import worker_pb2 as pb
+    from ferry.worker.server import encode_batch_response
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    expected = pb.RunResponse(batch=pb.Batch(arrow=data)).SerializeToString()
+    assert encode_batch_response(data) == expected
+    assert encode_batch_response(pa.py_buffer(data)) == expected
+    assert pb.RunResponse.FromString(encode_batch_response(data)).batch.arrow == data

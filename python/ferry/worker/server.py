@@ -87,18 +87,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._resources: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def _message(self, out: pa.RecordBatch, stage: str) -> pb.RunResponse:
-        """An output batch as a message, or a clear error when it is over the message limit (gRPC
-        would drop the stream with a bare RESOURCE_EXHAUSTED that reads like a dead worker)."""
-        data = arrow.batch_to_bytes(out)
-        if len(data) > self._max_message - 1024:
+    def _message(self, out: pa.RecordBatch, stage: str) -> bytes:
+        """An output batch as an encoded RunResponse, or a clear error when it is over the message
+        limit (gRPC would drop the stream with a bare RESOURCE_EXHAUSTED that reads like a dead
+        worker)."""
+        data = out.serialize()
+        if data.size > self._max_message - 1024:
             biggest = max((c.nbytes for c in out.columns), default=0) // max(out.num_rows, 1)
             raise StageFailedError(
-                f"Stage {stage!r} returned a batch of {out.num_rows} row(s) and {len(data):,} bytes, over the "
+                f"Stage {stage!r} returned a batch of {out.num_rows} row(s) and {data.size:,} bytes, over the "
                 f"{self._max_message:,}-byte message limit (about {biggest:,} bytes per row). Raise the limit "
                 "(spark.ferry.grpc.maxMessageBytes from Spark, ferry worker --max-message-bytes), or send "
                 "smaller rows (e.g. smaller tiles)")
-        return pb.RunResponse(batch=pb.Batch(arrow=data))
+        return encode_batch_response(data)
 
     def _authorize(self, context) -> None:
         if self._token is None:
@@ -206,6 +207,54 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             log.info("Run of %r ended after the client left: %s", stage_name, e)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_batch_response(arrow_message) -> bytes:
+    """``RunResponse(batch=Batch(arrow=arrow_message)).SerializeToString()``, in one copy.
+
+    Building the protobuf message copies the Arrow bytes into it and serializing copies them
+    again; output batches are most of what a worker sends, so Run encodes them by hand:
+    RunResponse.batch is field 2 and Batch.arrow field 1, both length-delimited (wire type 2).
+    """
+    n = len(memoryview(arrow_message))
+    if n == 0:
+        return b"\x12\x00"  # proto3 leaves an empty bytes field out
+    inner = b"\x0a" + _varint(n)
+    return b"".join((b"\x12", _varint(len(inner) + n), inner, arrow_message))
+
+
+def _serialize_run_response(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _add_worker(servicer: WorkerServicer, server) -> None:
+    """The generated ``add_WorkerServicer_to_server``, except that Run may yield responses
+    already encoded (see :func:`encode_batch_response`)."""
+    handlers = {
+        "ListStages": grpc.unary_unary_rpc_method_handler(
+            servicer.ListStages, request_deserializer=pb.ListStagesRequest.FromString,
+            response_serializer=pb.ListStagesResponse.SerializeToString),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe, request_deserializer=pb.DescribeRequest.FromString,
+            response_serializer=pb.DescribeResponse.SerializeToString),
+        "Run": grpc.stream_stream_rpc_method_handler(
+            servicer.Run, request_deserializer=pb.RunRequest.FromString,
+            response_serializer=_serialize_run_response),
+        "PutResource": grpc.stream_unary_rpc_method_handler(
+            servicer.PutResource, request_deserializer=pb.ResourceChunk.FromString,
+            response_serializer=pb.ResourceRef.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def create_server(address: str = "127.0.0.1:0", token: str | None = None, max_workers: int = 8,
                   max_message_bytes: int = MAX_MESSAGE_BYTES):
     """Builds (but does not start) a worker server; returns (server, bound port)."""
@@ -215,7 +264,7 @@ def create_server(address: str = "127.0.0.1:0", token: str | None = None, max_wo
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(token, max_message_bytes), server)
+    _add_worker(WorkerServicer(token, max_message_bytes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
