@@ -18,7 +18,7 @@ import org.apache.spark.sql.catalyst.InternalRow
 import org.apache.spark.sql.catalyst.expressions.{GenericInternalRow, GenericRow, UnsafeArrayData, UnsafeProjection}
 import org.apache.spark.sql.catalyst.util.{ArrayData, GenericArrayData}
 import org.apache.spark.sql.types._
-import org.apache.spark.sql.vectorized.{ArrowColumnVector, ColumnVector, ColumnarBatch}
+import org.apache.spark.sql.vectorized.{ColumnVector, ColumnarBatch}
 import org.apache.spark.unsafe.types.UTF8String
 
 /**
@@ -382,7 +382,7 @@ object ArrowBatches {
         new ReadChannel(Channels.newChannel(message.newInput())), allocator)
       try loader.load(batch)
       finally batch.close()
-      val cols: Array[ColumnVector] = root.getFieldVectors.asScala.map(v => new ArrowColumnVector(v): ColumnVector).toArray
+      val cols: Array[ColumnVector] = root.getFieldVectors.asScala.map(FixedWidthColumn.of).toArray
       new ColumnarBatch(cols, root.getRowCount)
     }
 

@@ -171,4 +171,34 @@ class BatchingSuite extends AnyFunSuite with SparkSuite {
       }
     }
   }
+
+  test("numeric columns read straight from Arrow memory give back the values and nulls written") {
+    val numeric = StructType(Seq(StructField("l", LongType), StructField("d", DoubleType),
+      StructField("i", IntegerType), StructField("f", FloatType)))
+    def value(r: Int): InternalRow = new GenericInternalRow(Array[Any](
+      if (r % 7 == 3) null else r.toLong * 1000003L - 5, if (r % 5 == 1) null else r * 0.25 - 1e300 / (r + 1),
+      if (r % 11 == 0) null else -r, if (r % 2 == 0) null else r.toFloat / 3))
+    for (n <- Seq(0, 1, 8, 9, 1000)) withAllocator { alloc =>
+      val writer = new ArrowBatches.Writer(numeric, alloc, 1 << 20, 1L << 24)
+      val reader = new ArrowBatches.Reader(ArrowBatches.serializeSchema(writer.arrowSchema), alloc, "")
+      try writer.batches(Iterator.tabulate(n)(value)).foreach { m =>
+        val batch = reader.load(m)
+        for (c <- 0 until 4) {
+          val fast = batch.column(c)
+          assert(fast.isInstanceOf[FixedWidthColumn])
+          for (r <- 0 until batch.numRows()) {
+            val expected = value(r)
+            assert(fast.isNullAt(r) == expected.isNullAt(c), s"null at row $r col $c")
+            if (!expected.isNullAt(c)) c match {
+              case 0 => assert(fast.getLong(r) == expected.getLong(0))
+              case 1 => assert(fast.getDouble(r) == expected.getDouble(1))
+              case 2 => assert(fast.getInt(r) == expected.getInt(2))
+              case _ => assert(fast.getFloat(r) == expected.getFloat(3))
+            }
+          }
+          assert(fast.numNulls == (0 until batch.numRows()).count(r => value(r).isNullAt(c)))
+        }
+      } finally { reader.close(); writer.close() }
+    }
+  }
 }
