@@ -24,6 +24,7 @@ import org.apache.spark.sql.SparkSession
  * | `spark.ferry.worker.pythonPath` | empty | entries prepended to the worker's `PYTHONPATH` (path-separator separated) |
  * | `spark.ferry.worker.logDir` | a temp dir | directory for the workers' stderr logs |
  * | `spark.ferry.worker.startTimeout` | `60s` | how long a new worker may take to report its port |
+ * | `spark.ferry.worker.idleTimeout` | `10min` | a local worker idle for this long is stopped; `0` = never |
  * | `spark.ferry.batch.maxRows` | `65536` | rows per Arrow batch sent to a worker |
  * | `spark.ferry.batch.maxBytes` | `4m` | bytes per Arrow batch message (a single larger row travels alone) |
  * | `spark.ferry.grpc.maxMessageBytes` | `512m` | gRPC message limit, both directions, also given to the workers ferry starts (`--max-message-bytes`); one row travels in one message |
@@ -41,6 +42,7 @@ final case class FerryConf(
     workerPythonPath: Seq[String],
     workerLogDir: Option[String],
     workerStartTimeoutMs: Long,
+    workerIdleTimeoutMs: Long,
     batchMaxRows: Int,
     batchMaxBytes: Long,
     grpcMaxMessageBytes: Int,
@@ -54,13 +56,14 @@ final case class FerryConf(
   require(maxInFlight >= 1, s"${FerryConf.MaxInFlight} must be >= 1, got $maxInFlight")
   require(grpcMaxMessageBytes >= 1024,
     s"${FerryConf.GrpcMaxMessageBytes} must be at least 1k, got $grpcMaxMessageBytes")
+  require(workerIdleTimeoutMs >= 0, s"${FerryConf.WorkerIdleTimeout} must be >= 0 (0 = never), got $workerIdleTimeoutMs ms")
   require(convolveMaxRunsPerPartition >= 1,
     s"${FerryConf.ConvolveMaxRuns} must be >= 1, got $convolveMaxRunsPerPartition")
 
   /** The settings that decide which worker processes a pool launches or connects to. */
   private[ferry] def poolKey: FerryConf.PoolKey =
     FerryConf.PoolKey(python, workerAddress, workerToken, workerTokenFile, workerStages, workerPythonPath,
-      workerLogDir, grpcMaxMessageBytes)
+      workerLogDir, grpcMaxMessageBytes, workerIdleTimeoutMs)
 
   /** Whether a remote worker is used instead of local processes. */
   def isRemote: Boolean = workerAddress.isDefined
@@ -75,6 +78,7 @@ object FerryConf {
   val WorkerPythonPath = "spark.ferry.worker.pythonPath"
   val WorkerLogDir = "spark.ferry.worker.logDir"
   val WorkerStartTimeout = "spark.ferry.worker.startTimeout"
+  val WorkerIdleTimeout = "spark.ferry.worker.idleTimeout"
   val BatchMaxRows = "spark.ferry.batch.maxRows"
   val BatchMaxBytes = "spark.ferry.batch.maxBytes"
   val GrpcMaxMessageBytes = "spark.ferry.grpc.maxMessageBytes"
@@ -91,7 +95,8 @@ object FerryConf {
       stages: Seq[String],
       pythonPath: Seq[String],
       logDir: Option[String],
-      maxMessageBytes: Int)
+      maxMessageBytes: Int,
+      idleTimeoutMs: Long)
 
   /** Defaults only (no Spark needed): handy for a `WorkerClient` or `WorkerPool` used directly. */
   def defaults: FerryConf = fromMap(Map.empty)
@@ -140,6 +145,7 @@ object FerryConf {
       workerPythonPath = list(WorkerPythonPath, java.io.File.pathSeparator),
       workerLogDir = opt(WorkerLogDir),
       workerStartTimeoutMs = millis(WorkerStartTimeout, "60s"),
+      workerIdleTimeoutMs = millis(WorkerIdleTimeout, "10min"),
       batchMaxRows = int(BatchMaxRows, 65536),
       batchMaxBytes = bytes(BatchMaxBytes, "4m"),
       grpcMaxMessageBytes = maxMessage.toInt,

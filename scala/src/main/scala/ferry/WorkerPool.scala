@@ -21,7 +21,9 @@ import org.slf4j.LoggerFactory
  * `<spark.ferry.python> -m ferry worker --host 127.0.0.1 --port 0 --token-file T --port-file P`
  * processes, one per concurrently running task: [[WorkerPool.borrow]] hands out an idle worker or
  * starts a new one, [[WorkerPool.Lease.close]] gives it back. A worker found dead is replaced; all
- * workers are stopped when the JVM exits (SIGTERM, then SIGKILL after a grace period). The token is
+ * workers are stopped when the JVM exits (SIGTERM, then SIGKILL after a grace period), and a worker
+ * left idle for `spark.ferry.worker.idleTimeout` (default 10min; 0 = never) is stopped so that a
+ * long-lived executor does not keep a Python process per core it once used. The token is
  * random per JVM and kept in a 0600 file; each worker's stderr goes to a log file whose tail is
  * quoted when it fails to start.
  *
@@ -85,7 +87,7 @@ final class WorkerPool private (val conf: FerryConf) {
             // Nobody claimed it yet: it becomes idle (a later claimer finds it there instead).
             if (starting.contains(f)) {
               starting -= f
-              idle.append(w)
+              makeIdle(w)
             }
           }
           f.complete(w)
@@ -114,8 +116,39 @@ final class WorkerPool private (val conf: FerryConf) {
 
   private def giveBack(worker: LocalWorker, broken: Boolean): Unit = {
     if (broken || stopped || !worker.isAlive) discard(worker)
-    else synchronized(idle.append(worker))
+    else makeIdle(worker)
   }
+
+  private def makeIdle(worker: LocalWorker): Unit = {
+    worker.idleSince = System.nanoTime()
+    synchronized(idle.append(worker))
+    reaper // started with the first idle worker
+  }
+
+  /** Stops the workers idle for longer than the timeout; borrowers take the most recent first. */
+  private lazy val reaper: Option[java.util.concurrent.ScheduledExecutorService] =
+    Option(conf.workerIdleTimeoutMs).filter(_ > 0).map { timeout =>
+      val ex = java.util.concurrent.Executors.newSingleThreadScheduledExecutor { r =>
+        val t = new Thread(r, "ferry-worker-reaper")
+        t.setDaemon(true)
+        t
+      }
+      val period = math.max(100L, math.min(timeout / 2, 30000L))
+      ex.scheduleWithFixedDelay(() => {
+        val now = System.nanoTime()
+        val expired = synchronized {
+          val old = idle.filter(w => (now - w.idleSince) / 1000000L >= timeout).toList
+          idle.filterInPlace(w => !old.contains(w))
+          old
+        }
+        expired.foreach { w =>
+          log.info(s"stopping ferry worker ${w.describe}: idle for more than ${timeout / 1000.0}s " +
+            s"(${FerryConf.WorkerIdleTimeout})")
+          discard(w)
+        }
+      }, period, period, TimeUnit.MILLISECONDS)
+      ex
+    }
 
   private def discard(worker: LocalWorker): Unit = {
     all.remove(worker)
@@ -134,6 +167,7 @@ final class WorkerPool private (val conf: FerryConf) {
   /** Stops every worker of this pool (also done on JVM exit). */
   def stop(): Unit = {
     stopped = true
+    if (conf.workerIdleTimeoutMs > 0) reaper.foreach(_.shutdownNow())
     val ws = all.asScala.toSeq
     all.clear()
     synchronized(idle.clear())
@@ -336,6 +370,8 @@ object WorkerPool {
     def isAlive: Boolean = process.isAlive
     def exitCode: String = if (process.isAlive) "running" else process.exitValue().toString
     def describe: String = s"#$n (pid ${process.pid()}, port $port)"
+    /** When it last became idle (System.nanoTime). */
+    @volatile var idleSince: Long = System.nanoTime()
     def stop(graceMs: Long): Unit = {
       try client.close() catch { case NonFatal(_) => }
       destroy(process, graceMs)

@@ -231,6 +231,25 @@ class PythonStageSuite extends AnyFunSuite with SparkSuite {
     } finally p.stop()
   }
 
+  test("workers idle for longer than spark.ferry.worker.idleTimeout are stopped; busy ones are not") {
+    val p = WorkerPool.get(conf.copy(workerIdleTimeoutMs = 1500,
+      workerLogDir = Some(TestSpark.newDir("idle-pool").getAbsolutePath)))
+    try {
+      val a = p.borrow()
+      val b = p.borrow()
+      val idleProc = a.worker.get.process
+      a.close()
+      assert(p.size == 2 && p.idleCount == 1)
+      assert(idleProc.waitFor(20, TimeUnit.SECONDS), "an idle worker outlived its idle timeout")
+      assert(p.size == 1 && p.idleCount == 0)
+      // The lent-out worker is untouched however long it is busy, and a new borrower gets a fresh worker.
+      assert(b.worker.get.process.isAlive && b.client.listStages().nonEmpty)
+      b.close()
+      val c = p.borrow()
+      try assert(c.client.listStages().nonEmpty) finally c.close()
+    } finally p.stop()
+  }
+
   test("stopping a pool stops its worker processes") {
     val p = WorkerPool.get(conf.copy(workerLogDir = Some(TestSpark.newDir("stop-pool").getAbsolutePath)))
     val a = p.borrow()
