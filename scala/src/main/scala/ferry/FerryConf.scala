@@ -30,6 +30,7 @@ import org.apache.spark.sql.SparkSession
  * | `spark.ferry.grpc.maxMessageBytes` | `512m` | gRPC message limit, both directions, also given to the workers ferry starts (`--max-message-bytes`); one row travels in one message |
  * | `spark.ferry.run.maxInFlight` | `4` | batches sent to a worker and not yet answered, per stream (back-pressure) |
  * | `spark.ferry.rpc.timeout` | `120s` | deadline of unary calls (ListStages, Describe, health checks) |
+ * | `spark.ferry.run.responseTimeout` | `30min` | a Run whose worker answers nothing for this long while batches are outstanding fails and the worker is replaced; `0` = wait forever |
  * | `spark.ferry.arrow.maxAllocation` | `2g` | Arrow off-heap memory ferry may hold per JVM |
  * | `spark.ferry.convolve.maxRunsPerPartition` | `1024` | Convolve re-lays out the data by id when a partition holds more runs of consecutive ids |
  */
@@ -48,6 +49,7 @@ final case class FerryConf(
     grpcMaxMessageBytes: Int,
     maxInFlight: Int,
     rpcTimeoutMs: Long,
+    runResponseTimeoutMs: Long,
     arrowMaxAllocation: Long,
     convolveMaxRunsPerPartition: Int) {
 
@@ -56,6 +58,8 @@ final case class FerryConf(
   require(maxInFlight >= 1, s"${FerryConf.MaxInFlight} must be >= 1, got $maxInFlight")
   require(grpcMaxMessageBytes >= 1024,
     s"${FerryConf.GrpcMaxMessageBytes} must be at least 1k, got $grpcMaxMessageBytes")
+  require(runResponseTimeoutMs >= 0,
+    s"${FerryConf.RunResponseTimeout} must be >= 0 (0 = wait forever), got $runResponseTimeoutMs ms")
   require(workerIdleTimeoutMs >= 0, s"${FerryConf.WorkerIdleTimeout} must be >= 0 (0 = never), got $workerIdleTimeoutMs ms")
   require(convolveMaxRunsPerPartition >= 1,
     s"${FerryConf.ConvolveMaxRuns} must be >= 1, got $convolveMaxRunsPerPartition")
@@ -63,7 +67,7 @@ final case class FerryConf(
   /** The settings that decide which worker processes a pool launches or connects to. */
   private[ferry] def poolKey: FerryConf.PoolKey =
     FerryConf.PoolKey(python, workerAddress, workerToken, workerTokenFile, workerStages, workerPythonPath,
-      workerLogDir, grpcMaxMessageBytes, workerIdleTimeoutMs)
+      workerLogDir, grpcMaxMessageBytes, workerIdleTimeoutMs, runResponseTimeoutMs)
 
   /** Whether a remote worker is used instead of local processes. */
   def isRemote: Boolean = workerAddress.isDefined
@@ -84,6 +88,7 @@ object FerryConf {
   val GrpcMaxMessageBytes = "spark.ferry.grpc.maxMessageBytes"
   val MaxInFlight = "spark.ferry.run.maxInFlight"
   val RpcTimeout = "spark.ferry.rpc.timeout"
+  val RunResponseTimeout = "spark.ferry.run.responseTimeout"
   val ArrowMaxAllocation = "spark.ferry.arrow.maxAllocation"
   val ConvolveMaxRuns = "spark.ferry.convolve.maxRunsPerPartition"
 
@@ -96,7 +101,8 @@ object FerryConf {
       pythonPath: Seq[String],
       logDir: Option[String],
       maxMessageBytes: Int,
-      idleTimeoutMs: Long)
+      idleTimeoutMs: Long,
+      responseTimeoutMs: Long)
 
   /** Defaults only (no Spark needed): handy for a `WorkerClient` or `WorkerPool` used directly. */
   def defaults: FerryConf = fromMap(Map.empty)
@@ -151,6 +157,7 @@ object FerryConf {
       grpcMaxMessageBytes = maxMessage.toInt,
       maxInFlight = int(MaxInFlight, 4),
       rpcTimeoutMs = millis(RpcTimeout, "120s"),
+      runResponseTimeoutMs = millis(RunResponseTimeout, "30min"),
       arrowMaxAllocation = bytes(ArrowMaxAllocation, "2g"),
       convolveMaxRunsPerPartition = int(ConvolveMaxRuns, 1024))
   }

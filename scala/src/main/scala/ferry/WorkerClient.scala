@@ -26,6 +26,7 @@ final class WorkerClient private (
     token: String,
     val maxMessageBytes: Int,
     val rpcTimeoutMs: Long,
+    val responseTimeoutMs: Long,
     private val channel: ManagedChannel) extends AutoCloseable {
 
   import WorkerClient._
@@ -195,7 +196,7 @@ object WorkerClient {
       .maxInboundMetadataSize(MaxMetadataBytes)
       .keepAliveTime(30, TimeUnit.SECONDS)
       .build()
-    new WorkerClient(target, token, conf.grpcMaxMessageBytes, conf.rpcTimeoutMs, channel)
+    new WorkerClient(target, token, conf.grpcMaxMessageBytes, conf.rpcTimeoutMs, conf.runResponseTimeoutMs, channel)
   }
 
   private def serializableCopy(t: Throwable): Throwable = {
@@ -386,12 +387,25 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
         s"of stage '$stage' without End after $received of $sent batches; it may have died.")
   }
 
-  /** Waits for the next event, waking up to notice a killed Spark task. */
+  /**
+   * Waits for the next event, waking up to notice a killed Spark task, and giving up after the
+   * client's response timeout: a worker stuck in a stage (a deadlock, an endless loop) keeps its
+   * connection open, so gRPC alone would wait forever.
+   */
   private def take(): Event = {
     var ev: Event = null
+    val since = System.nanoTime()
+    val timeout = client.responseTimeoutMs
     while (ev == null) {
       ev = events.poll(100, TimeUnit.MILLISECONDS)
       if (ev == null) {
+        if (timeout > 0 && (System.nanoTime() - since) / 1000000L >= timeout) {
+          throw new WorkerUnavailableException(s"Stage '$stage' on the worker at ${client.target} answered " +
+            s"nothing for ${timeout / 1000.0}s with ${sent - received} batch(es) outstanding ($received of $sent " +
+            s"answered); it looks stuck (a deadlock or an endless loop in the stage?), so the worker is replaced. " +
+            s"If a batch legitimately takes longer, raise ${FerryConf.RunResponseTimeout} or send smaller batches " +
+            s"(${FerryConf.BatchMaxRows}).")
+        }
         val tc = TaskContext.get()
         if (tc != null && tc.isInterrupted()) throw new org.apache.spark.TaskKilledException("task killed while waiting for the worker")
         if (Thread.currentThread().isInterrupted) throw new InterruptedException(s"Run of stage '$stage' interrupted")

@@ -172,6 +172,28 @@ class BatchingSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("a Run whose worker answers nothing within spark.ferry.run.responseTimeout fails and the worker is replaced") {
+    val conf = FerryConf.get(spark).copy(runResponseTimeoutMs = 1500,
+      workerLogDir = Some(TestSpark.newDir("stuck-pool").getAbsolutePath))
+    val pool = WorkerPool.get(conf)
+    try withAllocator { alloc =>
+      val writer = new ArrowBatches.Writer(StructType(Seq(StructField("x", DoubleType))), alloc, 10, 1 << 20)
+      var pid = -1L
+      val e = intercept[WorkerUnavailableException] {
+        pool.withClient { client =>
+          pid = pool.pids.head
+          val run = client.run("slow", """{"seconds": 60}""", ArrowBatches.serializeSchema(writer.arrowSchema),
+            writer.batches(Iterator.range(0, 30).map(i => new GenericInternalRow(Array[Any](i.toDouble)): InternalRow)), 2)
+          try run.foreach(_ => ()) finally { run.close(); writer.close() }
+        }
+      }
+      assert(e.getMessage.contains("Stage 'slow'") && e.getMessage.contains("answered nothing for 1.5s") &&
+        e.getMessage.contains(FerryConf.RunResponseTimeout), e.getMessage)
+      assert(!pool.pids.contains(pid), "the stuck worker was given back to the pool")
+      pool.withClient(c => assert(c.listStages().nonEmpty)) // a fresh worker serves the next borrower
+    } finally pool.stop()
+  }
+
   test("numeric columns read straight from Arrow memory give back the values and nulls written") {
     val numeric = StructType(Seq(StructField("l", LongType), StructField("d", DoubleType),
       StructField("i", IntegerType), StructField("f", FloatType)))
