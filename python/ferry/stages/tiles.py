@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import numpy as np
 import pyarrow as pa
 import scipy.ndimage
-import scipy.signal
 
 from ferry.errors import InputError, InvalidParamsError
 from ferry.registry import Param, require_columns, stage
@@ -738,6 +737,9 @@ class Convolve2D(Operator):
         return np.result_type(dtype, self.kernel.dtype)
 
     def _conv(self, x: np.ndarray, mode: str) -> np.ndarray:
+        # Imported here: scipy.signal takes ~0.6 s to import, paid by every Spark Python worker
+        # and ferry worker that imports this module, while only FFT and integer kernels use it.
+        import scipy.signal
         dtype = self.out_dtype(x.dtype)
         x = x.astype(dtype, copy=False)
         k = self.kernel.astype(dtype, copy=False)
