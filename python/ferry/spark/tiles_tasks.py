@@ -90,7 +90,9 @@ def reduce_target(batches: Iterator[pa.RecordBatch], params: dict) -> Iterator[p
                 first = (source, kinds[i])
             elif kinds[i] != first[1]:
                 raise TileError(source, _mismatch(kinds[i], first))
-        if real:
+        if real and len(real) == batch.num_rows:
+            proc.process(batch)  # take() would copy every partial
+        elif real:
             proc.process(batch.take(pa.array(real, pa.int64())))
     if first is None and orphan is not None:
         yield _zeros(orphan, params)
