@@ -598,6 +598,29 @@ def test_npy_round_trip_without_copy(arr):
         assert np.shares_memory(view, np.frombuffer(buf, np.uint8))
 
 
+def test_encode_tiles_gives_encode_tiles_bytes_in_one_column():
+    rng = np.random.default_rng(3)
+    arrs = [rng.integers(-100, 100, (7, 5, 4)).astype(np.int16), rng.random((6, 9)),
+            np.asfortranarray(rng.random((6, 9))), rng.random((8, 10))[::2, 1::3], np.zeros((0, 3), np.float32),
+            rng.random((5, 4)) > 0.5, rng.random((3, 4)).astype(">f8"), np.array([[1 + 2j]]),
+            np.asfortranarray(rng.integers(0, 9, (4, 5, 3)).astype(np.uint8)), rng.random((4, 6))[:, :3].T]
+    col = T.encode_tiles(arrs + arrs[:2])  # repeated shapes reuse a header
+    assert col.type == pa.binary() and len(col) == len(arrs) + 2
+    for got, arr in zip(col, arrs + arrs[:2]):
+        assert got.as_py() == encode_tile(arr)
+
+
+def test_binary_cells_are_zero_copy_slices():
+    col = T.encode_tiles([np.full((30, 20), i, np.int16) for i in range(4)])
+    for c in (col, col.slice(1, 2), col.cast(pa.large_binary()).slice(2)):
+        cells = T.binary_cells(c)
+        assert [bytes(b) for b in cells] == [v.as_py() for v in c]
+        data = np.frombuffer(c.buffers()[2], np.uint8)
+        assert all(np.shares_memory(decode_tile(b), data) for b in cells)
+    nulls = pa.array([b"ab", None, b""], pa.binary())
+    assert [bytes(b) for b in T.binary_cells(nulls)] == [b"ab", b"", b""]
+
+
 def test_npy_version_2_header():
     import io
     out = io.BytesIO()

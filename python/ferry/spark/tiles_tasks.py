@@ -17,7 +17,7 @@ import pyarrow as pa
 
 import ferry.stages.tiles as tiles  # registers the tiles stages without importing every other stage
 from ferry import registry
-from ferry.stages.tiles import EMIT_SCHEMA, TileError, TileKey, decode_tile
+from ferry.stages.tiles import EMIT_SCHEMA, TileError, TileKey, binary_cells, decode_tile
 
 #: Columns the emit adds to tiles_emit's rows for the reduce.
 EXTRA = pa.schema([("tile_height", pa.int64()), ("tile_width", pa.int64()), ("source_kind", pa.string())])
@@ -53,14 +53,14 @@ def _with_extras(src: pa.RecordBatch, out: pa.RecordBatch, params: dict) -> pa.R
     cols = {c: src.column(c).to_pylist() for c in ("image_id", "z", "x", "y")}
     size = {c: (src.column(c).to_pylist() if c in src.schema.names else [params[c]] * src.num_rows)
             for c in ("tile_height", "tile_width")}
-    pixels = src.column("pixels")
+    pixels = binary_cells(src.column("pixels"))
     per_source = {}
     for i in range(src.num_rows):
         key = TileKey(cols["image_id"][i], cols["z"][i], cols["x"][i], cols["y"][i])
         th, tw = size["tile_height"][i], size["tile_width"][i]
         # tiles_emit has checked the bytes already: this re-reads the header only (no copy).
         per_source[key] = (params["tile_height"] if th is None else th, params["tile_width"] if tw is None else tw,
-                           kind_of(decode_tile(pixels[i].as_buffer(), key)))
+                           kind_of(decode_tile(pixels[i], key)))
     ids, zs = out.column("image_id").to_pylist(), out.column("z").to_pylist()
     sx, sy = out.column("source_x").to_pylist(), out.column("source_y").to_pylist()
     extra = [per_source[TileKey(ids[i], zs[i], sx[i], sy[i])] for i in range(out.num_rows)]
@@ -90,7 +90,9 @@ def reduce_target(batches: Iterator[pa.RecordBatch], params: dict) -> Iterator[p
                 first = (source, kinds[i])
             elif kinds[i] != first[1]:
                 raise TileError(source, _mismatch(kinds[i], first))
-        if real:
+        if real and len(real) == batch.num_rows:
+            proc.process(batch)  # take() would copy every partial
+        elif real:
             proc.process(batch.take(pa.array(real, pa.int64())))
     if first is None and orphan is not None:
         yield _zeros(orphan, params)

@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import numpy as np
 import pyarrow as pa
 import scipy.ndimage
-import scipy.signal
 
 from ferry.errors import InputError, InvalidParamsError
 from ferry.registry import Param, require_columns, stage
@@ -239,6 +238,59 @@ def encode_tile(tile: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, tile, allow_pickle=False)
     return out.getvalue()
+
+
+_HEADERS: dict[tuple, tuple[bytes, bool]] = {}
+#: Above this many bytes in one column, encode_tiles leaves the column to pyarrow (binary's int32 offsets).
+_MAX_BINARY_COLUMN = (1 << 31) - 1
+
+
+def _npy_header(tile: np.ndarray) -> tuple[bytes, bool]:
+    """np.save's header for this tile, and whether np.save writes its data in Fortran order."""
+    d = np.lib.format.header_data_from_array_1_0(tile)
+    key = (d["descr"], d["shape"], d["fortran_order"])
+    got = _HEADERS.get(key)
+    if got is None:
+        # What np.save does: version 1.0 unless the header does not fit it.
+        out = io.BytesIO()
+        try:
+            np.lib.format.write_array_header_1_0(out, d)
+        except ValueError:
+            out = io.BytesIO()
+            np.lib.format.write_array_header_2_0(out, d)
+        got = (out.getvalue(), bool(d["fortran_order"]))
+        if len(_HEADERS) < 1024:
+            _HEADERS[key] = got
+    return got
+
+
+def encode_tiles(tiles: Iterable[np.ndarray]) -> pa.Array:
+    """The .npy bytes of each tile (as :func:`encode_tile`'s) as one Arrow binary array.
+
+    Each tile's pixels are copied once, straight into the array's buffer (np.save into a
+    BytesIO, then building a binary array from the bytes, copies them three times).
+    """
+    tiles = [np.asarray(t) for t in tiles]
+    heads = []
+    for t in tiles:
+        if t.dtype.hasobject or t.dtype.fields is not None or t.dtype.itemsize == 0:
+            return pa.array([encode_tile(t) for t in tiles], pa.binary())
+        heads.append(_npy_header(t))
+    sizes = [len(h) + t.nbytes for (h, _), t in zip(heads, tiles)]
+    total = sum(sizes)
+    if total > _MAX_BINARY_COLUMN:
+        return pa.array([encode_tile(t) for t in tiles], pa.binary())
+    offsets = np.zeros(len(tiles) + 1, np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.empty(total, np.uint8)
+    for (head, fortran), t, start in zip(heads, tiles, offsets[:-1].tolist()):
+        data[start:start + len(head)] = np.frombuffer(head, np.uint8)
+        body = data[start + len(head):start + len(head) + t.nbytes].view(t.dtype)
+        if fortran:
+            np.copyto(body.reshape(t.T.shape), t.T)
+        else:
+            np.copyto(body.reshape(t.shape), t)
+    return pa.Array.from_buffers(pa.binary(), len(tiles), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def decode_tile(data, key: TileKey | None = None) -> np.ndarray:
@@ -685,6 +737,9 @@ class Convolve2D(Operator):
         return np.result_type(dtype, self.kernel.dtype)
 
     def _conv(self, x: np.ndarray, mode: str) -> np.ndarray:
+        # Imported here: scipy.signal takes ~0.6 s to import, paid by every Spark Python worker
+        # and ferry worker that imports this module, while only FFT and integer kernels use it.
+        import scipy.signal
         dtype = self.out_dtype(x.dtype)
         x = x.astype(dtype, copy=False)
         k = self.kernel.astype(dtype, copy=False)
@@ -1167,12 +1222,27 @@ def _rows(batch: pa.RecordBatch, columns: Iterable[str]) -> Iterator[dict]:
             raise InputError(f"Column {c!r} has {col.null_count} null value(s), the first at row {first} "
                              "of the batch; every tile needs its image_id, z, x, y and pixels")
     py = {c: col.to_pylist() for c, col in cols.items() if c != "pixels"}
-    pix = cols.get("pixels")
+    pix = binary_cells(cols["pixels"]) if "pixels" in cols else None
     for i in range(batch.num_rows):
         row = {c: v[i] for c, v in py.items()}
         if pix is not None:
-            row["pixels"] = pix[i].as_buffer()
+            row["pixels"] = pix[i]
         yield row
+
+
+def binary_cells(col: pa.Array) -> list[pa.Buffer]:
+    """The values of a binary column as zero-copy slices of its data buffer.
+
+    ``col[i].as_buffer()`` copies the value (a multi-MB tile each time); nulls give empty slices.
+    """
+    if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+        return [col[i].as_buffer() for i in range(len(col))]
+    _, offsets, data = col.buffers()
+    width = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+    off = np.frombuffer(offsets, width, len(col) + 1, col.offset * np.dtype(width).itemsize).tolist()
+    if data is None:
+        return [pa.py_buffer(b"") for _ in range(len(col))]
+    return [data.slice(off[i], off[i + 1] - off[i]) for i in range(len(col))]
 
 
 def _grid_of_row(row: dict, params: dict, need_size: bool) -> Grid | tuple[int, int]:
@@ -1227,11 +1297,11 @@ def _tile_batch(tiles: Iterable[tuple[TileKey, np.ndarray]]) -> pa.RecordBatch:
     keys, pixels = [], []
     for k, t in tiles:
         keys.append(k)
-        pixels.append(encode_tile(t))
+        pixels.append(t)
     return pa.RecordBatch.from_arrays(
         [pa.array([k.image_id for k in keys], pa.string()), pa.array([k.z for k in keys], pa.int32()),
          pa.array([k.x for k in keys], pa.int64()), pa.array([k.y for k in keys], pa.int64()),
-         pa.array(pixels, pa.binary())], schema=TILE_SCHEMA)
+         encode_tiles(pixels)], schema=TILE_SCHEMA)
 
 
 @stage("tiles_emit", kind="map", params=_PARAMS, output_schema=_emit_schema,
@@ -1269,9 +1339,11 @@ class EmitStage:
                 h, w = grid.shape_at(t.x, t.y)
                 for name, v in (("image_id", t.image_id), ("z", t.z), ("x", t.x), ("y", t.y), ("height", h),
                                 ("width", w), ("source_x", key.x), ("source_y", key.y),
-                                ("pixels", encode_tile(arr))):
+                                ("pixels", arr)):
                     out[name].append(v)
-        return pa.RecordBatch.from_pydict(out, schema=EMIT_SCHEMA)
+        pixels = encode_tiles(out.pop("pixels"))
+        keys = pa.RecordBatch.from_pydict(out, schema=EMIT_SCHEMA.remove(EMIT_SCHEMA.get_field_index("pixels")))
+        return pa.RecordBatch.from_arrays(list(keys.columns) + [pixels], schema=EMIT_SCHEMA)
 
     def finish(self):
         return None
