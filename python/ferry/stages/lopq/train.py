@@ -304,7 +304,12 @@ def hash_name(n) -> int:
 
 def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii), greedy with 2 + log k trials per centre, as
-    scikit-learn does: each new centre is the candidate that most lowers the potential."""
+    scikit-learn does: each new centre is the candidate that most lowers the potential.
+
+    The distances that weigh the sampling are float32 (from data centred on its mean, so that
+    no offset eats their digits): a matmul of a few candidate rows against every point runs at
+    memory speed, and float32 halves the memory. The centres are rows of X, in float64.
+    """
     n = X.shape[0]
     distinct = np.unique(X, axis=0).shape[0] if n <= 200_000 else n
     if distinct < k:
@@ -313,13 +318,19 @@ def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
             "give more (or more varied) training data or ask for fewer clusters"
         )
     trials = 2 + int(math.log(k))
-    centers = np.empty((k, X.shape[1]))
-    sq = np.einsum("ij,ij->i", X, X)
-    XT_neg2 = np.ascontiguousarray(-2.0 * X.T)
+    dim = X.shape[1]
+    centers = np.empty((k, dim))
+    Xc = X - X.mean(axis=0)
+    sq = np.einsum("ij,ij->i", Xc, Xc)
+    # Squared distances from candidates to every point in one matmul: [c, |c|^2, 1] . [-2x, 1, |x|^2].
+    left = np.empty((n, dim + 2), dtype=np.float32)
+    left[:, :dim], left[:, dim], left[:, dim + 1] = Xc, sq, 1.0
+    right = np.empty((dim + 2, n), dtype=np.float32)
+    right[:dim], right[dim], right[dim + 1] = -2.0 * Xc.T, 1.0, sq
     first = rng.integers(n)
     centers[0] = X[first]
-    closest = np.maximum(sq - 2 * X @ X[first] + sq[first], 0.0)
-    potential = closest.sum()
+    closest = np.maximum(left[first] @ right, 0.0)
+    potential = float(closest.sum(dtype=np.float64))
     for c in range(1, k):
         if potential <= 0:
             # Every point sits on a centre already; take points not chosen yet.
@@ -328,15 +339,14 @@ def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
             continue
         r = rng.random(trials) * potential
         cand = np.minimum(np.searchsorted(np.cumsum(closest), r), n - 1)
-        d = np.matmul(X[cand], XT_neg2)
-        d += sq
-        d += sq[cand][:, None]
-        np.maximum(d, 0.0, out=d)
+        d = np.matmul(left[cand], right)
         np.minimum(d, closest[None, :], out=d)
-        pots = d.sum(axis=1)
+        # Rounding can leave a point's distance to itself slightly below 0: clamped in the row kept.
+        pots = d.sum(axis=1, dtype=np.float64)
         best = int(np.argmin(pots))
         centers[c] = X[cand[best]]
-        closest, potential = d[best], pots[best]
+        closest = np.maximum(d[best], np.float32(0))
+        potential = float(closest.sum(dtype=np.float64))
     return centers
 
 
@@ -577,22 +587,23 @@ def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tu
     counts = np.diff(bounds, axis=1).astype(np.int64)
     cross = np.zeros((2, V, half, half))
     parts = []
-    Z = np.empty((n, half))
-    Yq = np.empty((n, half))
+    # Each subvector's rows contiguous, as the Lloyd step reads them: (M/2, n, d) per half.
+    Z = np.empty((mh, n, d))
     for h in (0, 1):
         r = resid[h]
         clusters = np.flatnonzero(counts[h])
         for v in clusters:
             a, b = bounds[h, v], bounds[h, v + 1]
-            np.matmul(r[a:b], Rs[h, v].T, out=Z[a:b])
+            for j in range(mh):
+                np.matmul(r[a:b], Rs[h, v, j * d:(j + 1) * d].T, out=Z[j, a:b])
         for j in range(mh):
             sub = state.subs[h * mh + j]
-            part, labels = kmeans_chunk_labels(Z[:, j * d:(j + 1) * d], sub)
+            part, labels = kmeans_chunk_labels(Z[j], sub)
             parts.append(part)
-            Yq[:, j * d:(j + 1) * d] = sub[labels]
-        for v in clusters:
-            a, b = bounds[h, v], bounds[h, v + 1]
-            cross[h, v] = Yq[a:b].T @ r[a:b]
+            Yj = sub[labels]                    # the codes' reconstructions of subvector j
+            for v in clusters:
+                a, b = bounds[h, v], bounds[h, v + 1]
+                cross[h, v, j * d:(j + 1) * d] = Yj[a:b].T @ r[a:b]
     return (*parts, CrossMoments(counts, cross))
 
 
