@@ -664,10 +664,15 @@ PASSES = {p.name: p for p in (
 
 
 class PreparedCache:
-    """Prepared chunks of the last few passes, reused while the state fields they read stand."""
+    """The prepared chunks of the last pass that had any, reused by the next passes with the same
+    prepare function while the state fields it reads stand. Only one set is kept: each is as
+    large as the data, and the passes sharing one run back to back."""
 
     def __init__(self):
         self._entries: dict[Callable, tuple[tuple, list]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def get(self, p: Pass, chunks: Sequence[np.ndarray], state: TrainState) -> list:
         if p.prepare is None:
@@ -676,6 +681,7 @@ class PreparedCache:
         hit = self._entries.get(p.prepare)
         if hit is not None and all(a is b for a, b in zip(hit[0], deps)):
             return hit[1]
+        self._entries.clear()
         prepared = [p.prepare(X, state) for X in chunks]
         self._entries[p.prepare] = (deps, prepared)
         return prepared
@@ -804,6 +810,7 @@ def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: in
 
     def run(name: str, st: TrainState) -> TrainState:
         if name.startswith("sub_"):
+            cache.clear()       # the subquantizer passes come last: the PCA'd halves are done with
             return run_pass(PASSES[name], sub_chunks, st, sub_cache)
         return run_pass(PASSES[name], chunks, st, cache)
 
