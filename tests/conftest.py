@@ -11,7 +11,9 @@ def worker():
     """A real worker process with the test stages, on a free loopback port."""
     from ferry.worker import start_worker
 
-    w = start_worker(stages=["tests.stages_for_tests"], env={"PYTHONPATH": ROOT})
+    # This checkout's python/ first, so that the worker runs this code wherever another ferry is installed.
+    path = os.pathsep.join([os.path.join(ROOT, "python"), ROOT])
+    w = start_worker(stages=["tests.stages_for_tests"], env={"PYTHONPATH": path})
     yield w
     w.stop()
 

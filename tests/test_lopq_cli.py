@@ -20,7 +20,9 @@ TRAIN = ["--V", "4", "--M", "4", "--subquantizer_clusters", "16", "--coarse_iter
 
 
 def ferry(*args, ok=True):
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": ROOT, "SPARK_LOCAL_IP": "127.0.0.1"}
+    # This checkout's python/ first: the console script must run this code, not another installed ferry.
+    path = os.pathsep.join([os.path.join(ROOT, "python"), ROOT])
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": path, "SPARK_LOCAL_IP": "127.0.0.1"}
     p = subprocess.run([sys.executable, "-m", "ferry", "lopq", *map(str, args)], capture_output=True, text=True,
                        env=env, timeout=300)
     if ok:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ferry.errors import InputError, InvalidParamsError
-from ferry.lopq import LOPQTrainingWarning, fit
+from ferry.lopq import LOPQModel, LOPQTrainingWarning, fit
 from ferry.stages.lopq import train as T
 from tests.synthetic import mixture
 
@@ -121,13 +121,55 @@ def test_an_empty_cluster_moves_to_a_far_point(data):
 
 @pytest.mark.parametrize("parts", CHUNKINGS)
 def test_coarse_and_subquantizer_steps_any_chunking_equal_single_chunk(data, parts):
-    for step, ready in (("coarse_step", ["coarse_init"]), ("sub_step", ["coarse_init", "rotations", "sub_init"])):
+    sub_ready = ["coarse_init", "rotations", "sub_init"]
+    for step, ready in (("coarse_step", ["coarse_init"]), ("sub_step", sub_ready), ("sub_rotation_step", sub_ready)):
         state = trained_state(data, ready, pca=False)
         one = run(T.PASSES[step], [data], state)
         many = run(T.PASSES[step], random_chunks(data, parts, 20 + parts), state, seed=parts)
-        field = "Cs" if step == "coarse_step" else "subs"
-        np.testing.assert_allclose(getattr(many, field), getattr(one, field), rtol=1e-9, atol=1e-9)
+        fields = {"coarse_step": ["Cs"], "sub_step": ["subs"], "sub_rotation_step": ["subs", "Rs"]}[step]
+        for field in fields:
+            np.testing.assert_allclose(getattr(many, field), getattr(one, field), rtol=1e-9, atol=1e-9)
         assert many.inertia == pytest.approx(one.inertia, rel=1e-9)
+
+
+def test_a_rotation_step_is_lloyd_for_the_subquantizers_and_procrustes_for_the_rotations(data):
+    state = trained_state(data, ["coarse_init", "coarse_step", "rotations", "sub_init", "sub_step"], pca=False)
+    new = run(T.PASSES["sub_rotation_step"], [data], state)
+    # The subquantizers take the Lloyd step a sub_step takes from the same state.
+    np.testing.assert_allclose(new.subs, run(T.PASSES["sub_step"], [data], state).subs, rtol=1e-12, atol=1e-12)
+    model = state.model()
+    coarse, Z = model.project(data)
+    fine = np.stack([((Z[:, None, 4 * m:4 * m + 4] - state.subs[m][None]) ** 2).sum(-1).argmin(1) for m in range(4)], 1)
+    Y = np.concatenate([state.subs[m][fine[:, m]] for m in range(4)], axis=1)   # reconstructions, local frames
+    for h in (0, 1):
+        for v in range(4):
+            rows = coarse[:, h] == v
+            r = data[rows, 8 * h:8 * h + 8] - model.Cs[h][v] - model.mus[h][v]
+            y = Y[rows, 8 * h:8 * h + 8]
+            R_old, R_new = state.Rs[h, v], new.Rs[h, v]
+            np.testing.assert_allclose(R_new @ R_new.T, np.eye(8), atol=1e-9)
+            # Orthogonal Procrustes: no orthogonal matrix fits the codes better, so none of
+            # the old rotation and random ones do.
+            err = lambda R: ((r @ R.T - y) ** 2).sum()
+            assert err(R_new) <= err(R_old) * (1 + 1e-12)
+            for k in range(5):
+                Qr, _ = np.linalg.qr(np.random.default_rng(k).standard_normal((8, 8)))
+                assert err(R_new) <= err(R_old @ Qr if k % 2 else Qr) * (1 + 1e-12)
+
+
+def test_rotation_iters_zero_trains_the_reference_rotations(data):
+    seen = []
+    kw = dict(V=4, M=4, subquantizer_clusters=16, seed=1, sub_iters=5)
+    plain = fit(data, **kw, rotation_iters=0, progress=lambda name, state, s: seen.append((name, state.Rs)))
+    names = [n for n, _ in seen]
+    assert "sub_rotation_step" not in names and 1 <= names.count("sub_step") <= 5
+    # Its rotations are the rotations pass's (eigenvectors of each cluster's residual covariance).
+    np.testing.assert_array_equal(plain.Rs, LOPQModel(plain.Cs, dict(seen)["rotations"], plain.mus, M=4).Rs)
+    refined = fit(data, **kw)
+    assert not np.allclose(refined.Rs, plain.Rs, atol=1e-3)
+    # Step 2 alone keeps the rotations it is given.
+    again = fit(data, **{**kw, "V": None}, steps=[2], existing=refined)
+    np.testing.assert_array_equal(again.Rs, refined.Rs)
 
 
 @pytest.mark.parametrize("parts", CHUNKINGS)
@@ -170,8 +212,9 @@ def test_init_samples_do_not_depend_on_chunking(data, parts):
 
 def test_partials_survive_their_wire_format(data):
     state = trained_state(data, ["coarse_init", "coarse_step"], pca=False)
-    for name in ("pca", "coarse_init", "coarse_step", "rotations"):
-        part = T.PASSES[name].chunk(data[:500], state)
+    full = trained_state(data, ["coarse_init", "rotations", "sub_init"], pca=False)
+    for name in ("pca", "coarse_init", "coarse_step", "rotations", "sub_rotation_step"):
+        part = T.PASSES[name].chunk(data[:500], full if name.startswith("sub_") else state)
         back = T.partial_from_bytes(T.partial_to_bytes(part))
         assert type(back) is type(part)
         for a, b in zip(part if isinstance(part, tuple) else (part,), back if isinstance(back, tuple) else (back,)):
@@ -194,11 +237,17 @@ def test_fit_reduces_distortion_step_by_step(data):
     seen = []
     fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, progress=lambda name, state, s: seen.append((name, state.inertia)))
     names = [n for n, _ in seen]
-    assert names[:2] == ["pca", "coarse_init"] and "rotations" in names and names[-1] == "sub_step"
+    assert names[:2] == ["pca", "coarse_init"] and "rotations" in names
+    # 12 subquantizer steps: 4 Lloyd steps, then 8 that also refine the rotations.
+    assert names[-12:] == ["sub_step"] * 4 + ["sub_rotation_step"] * 8
     coarse = [i for n, i in seen if n == "coarse_step"]
     sub = [i for n, i in seen if n == "sub_step"]
+    refined = [i for n, i in seen if n == "sub_rotation_step"]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(coarse, coarse[1:]))
     assert all(b <= a * (1 + 1e-12) for a, b in zip(sub, sub[1:]))
+    # Lloyd and Procrustes updates from one assignment are not a guaranteed descent together,
+    # but the refinement must end well below where the plain Lloyd steps left the distortion.
+    assert refined[-1] < 0.97 * sub[-1]
 
 
 def test_too_few_points_per_cluster_warns_and_falls_back_to_identity():

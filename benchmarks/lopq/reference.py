@@ -259,7 +259,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import run  # the benchmark: its data sets, ground truth and recall definition
 
-    for name, desc, X, Q in run.datasets(args.queries, args.quick):
+    for name, desc, X, Q in run.datasets(args.queries, args.quick, args.queries):
         if name == args.dataset:
             break
     print(f"{name}: {desc}", file=sys.stderr)

@@ -55,7 +55,10 @@ def add_parser(sub) -> None:
                                         "trains a PCA over all dimensions first")
     p.add_argument("--no_pca", action="store_true", help="quantize the vectors as they are")
     p.add_argument("--coarse_iters", type=int, default=10, help="coarse Lloyd steps at most (10)")
-    p.add_argument("--sub_iters", type=int, default=20, help="subquantizer Lloyd steps at most (20)")
+    p.add_argument("--sub_iters", type=int, default=12, help="subquantizer Lloyd steps at most (12)")
+    p.add_argument("--rotation_iters", type=int, default=8,
+                   help="of those, the last ones that also refine the local rotations when step 1 runs (8; 0: the "
+                        "reference's eigenvector rotations)")
     p.add_argument("--agg_depth", type=int, default=4, help="depth of tree aggregation (default 4)")
     p.add_argument("--model", required=True, help="output .lopq file (LOPQModelParams protobuf)")
     p.set_defaults(func=run, lopq_func=cmd_train)
@@ -148,7 +151,8 @@ def cmd_train(args) -> int:
     elif args.pca_params:
         p = _load_npz(args.pca_params, PCA_PREPARED_KEYS, "a prepared PCA (`ferry lopq pca-prepare --output`)")
         existing = PCA(p["mean"], p["projection"])
-    config = dict(seed=args.seed, pca=not args.no_pca, coarse_iters=args.coarse_iters, sub_iters=args.sub_iters)
+    config = dict(seed=args.seed, pca=not args.no_pca, coarse_iters=args.coarse_iters, sub_iters=args.sub_iters,
+                  rotation_iters=args.rotation_iters)
     kwargs = dict(steps=steps, existing=existing, sampling_ratio=args.sampling_ratio,
                   subquantizer_sampling_ratio=args.subquantizer_sampling_ratio, agg_depth=args.agg_depth)
     # What the parameters alone decide is raised before Spark starts.
@@ -337,7 +341,8 @@ def _load_npz(path: str, keys: tuple[str, ...], what: str) -> dict:
 class StepBars:
     """A tqdm bar per training step, advanced by the training driver's progress callback."""
 
-    _STEP_OF = {"pca": 0, "coarse_init": 0, "coarse_step": 0, "rotations": 1, "sub_init": 2, "sub_step": 2}
+    _STEP_OF = {"pca": 0, "coarse_init": 0, "coarse_step": 0, "rotations": 1, "sub_init": 2, "sub_step": 2,
+                "sub_rotation_step": 2}
 
     def __init__(self, steps):
         self._steps = steps

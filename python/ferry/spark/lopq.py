@@ -68,8 +68,11 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
                    typeConverter=TypeConverters.toInt)
     coarseIters = Param(Params._dummy(), "coarseIters", "coarse Lloyd steps at most (default 10)",
                         typeConverter=TypeConverters.toInt)
-    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps at most (default 20)",
+    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps at most (default 12)",
                      typeConverter=TypeConverters.toInt)
+    rotationIters = Param(Params._dummy(), "rotationIters", "of those, the last ones that also refine the local "
+                          "rotations (default 8; 0: the reference's eigenvector rotations)",
+                          typeConverter=TypeConverters.toInt)
     samplingRatio = Param(Params._dummy(), "samplingRatio", "fraction of rows trained on, in (0, 1] (default 1)",
                           typeConverter=TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
@@ -78,21 +81,23 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
     aggDepth = Param(Params._dummy(), "aggDepth", "depth of the tree aggregation (default 4)",
                      typeConverter=TypeConverters.toInt)
 
-    _DEFAULTS = dict(subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10, subIters=20,
-                     samplingRatio=1.0, subquantizerSamplingRatio=1.0, aggDepth=lopq_train.DEFAULT_AGG_DEPTH)
+    _DEFAULTS = dict(subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10, subIters=12,
+                     rotationIters=8, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
+                     aggDepth=lopq_train.DEFAULT_AGG_DEPTH)
 
     @keyword_only
     def __init__(self, *, V=None, M=None, subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10,
-                 subIters=20, samplingRatio=1.0, subquantizerSamplingRatio=1.0, aggDepth=4, vectorCol="vector",
-                 idCol="id", coarseCol="coarse", fineCol="fine"):
+                 subIters=12, rotationIters=8, samplingRatio=1.0, subquantizerSamplingRatio=1.0, aggDepth=4,
+                 vectorCol="vector", idCol="id", coarseCol="coarse", fineCol="fine"):
         super().__init__()
         self._setDefault(**self._DEFAULTS)
         self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None})
 
     @keyword_only
     def setParams(self, *, V=None, M=None, subquantizerClusters=None, seed=None, pca=None, pcaDim=None,
-                  coarseIters=None, subIters=None, samplingRatio=None, subquantizerSamplingRatio=None,
-                  aggDepth=None, vectorCol=None, idCol=None, coarseCol=None, fineCol=None):
+                  coarseIters=None, subIters=None, rotationIters=None, samplingRatio=None,
+                  subquantizerSamplingRatio=None, aggDepth=None, vectorCol=None, idCol=None, coarseCol=None,
+                  fineCol=None):
         return self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None})
 
     def getV(self): return self.getOrDefault(self.V)
@@ -103,6 +108,7 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
     def getPcaDim(self): return self.getOrDefault(self.pcaDim)
     def getCoarseIters(self): return self.getOrDefault(self.coarseIters)
     def getSubIters(self): return self.getOrDefault(self.subIters)
+    def getRotationIters(self): return self.getOrDefault(self.rotationIters)
     def getSamplingRatio(self): return self.getOrDefault(self.samplingRatio)
     def getSubquantizerSamplingRatio(self): return self.getOrDefault(self.subquantizerSamplingRatio)
     def getAggDepth(self): return self.getOrDefault(self.aggDepth)
@@ -120,6 +126,7 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
         return dict(V=self.getV(), M=self.getM(), subquantizer_clusters=self.getSubquantizerClusters(),
                     seed=self.getSeed(), pca=self.getPca(), pca_dim=self.getPcaDim() or None,
                     coarse_iters=self.getCoarseIters(), sub_iters=self.getSubIters(),
+                    rotation_iters=self.getRotationIters(),
                     sampling_ratio=self.getSamplingRatio(),
                     subquantizer_sampling_ratio=self.getSubquantizerSamplingRatio(), agg_depth=self.getAggDepth())
 

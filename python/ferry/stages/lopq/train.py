@@ -18,7 +18,10 @@ The passes, in order:
     coarse_step  per-cluster counts and sums, both halves  -> one Lloyd step (x coarse_iters)
     rotations    per-cluster residual moments              -> local rotations R and means mu
     sub_init     a hash-keyed sample of local residuals    -> k-means++ for each subquantizer
-    sub_step     per-cluster counts and sums, M problems   -> one Lloyd step (x sub_iters)
+    sub_step     per-cluster counts and sums, M problems   -> one Lloyd step
+    sub_rotation_step  the same, and per-cluster cross moments of residuals and their codes
+                                                           -> one Lloyd step and new rotations R
+                 (the last rotation_iters of the sub_iters subquantizer steps)
 
 :func:`fit` runs them in-process over chunks of an array.
 """
@@ -37,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ferry.errors import InputError, InvalidParamsError
-from ferry.stages.lopq.model import PCA, Centroids, LOPQModel, as_vectors, check_config, nearest
+from ferry.stages.lopq.model import PCA, Centroids, LOPQModel, _f32, as_vectors, check_config, nearest
 
 log = logging.getLogger("ferry.lopq")
 
@@ -67,7 +70,8 @@ class TrainConfig:
     pca_dim: int | None = None
     seed: int = 0
     coarse_iters: int = 10
-    sub_iters: int = 20
+    sub_iters: int = 12
+    rotation_iters: int = 8
     tol: float = 1e-4
     init_sample: int | None = None
 
@@ -81,9 +85,9 @@ class TrainConfig:
                 f"pca_dim must lie in 2..{self.D_in} (the input dimension), got {self.pca_dim}"
             )
         check_config(self.D, self.V, self.M, self.subquantizer_clusters, what="LOPQ training")
-        if self.coarse_iters < 0 or self.sub_iters < 0:
+        if self.coarse_iters < 0 or self.sub_iters < 0 or self.rotation_iters < 0:
             raise InvalidParamsError(f"iteration counts must be >= 0, got coarse_iters={self.coarse_iters}, "
-                                     f"sub_iters={self.sub_iters}")
+                                     f"sub_iters={self.sub_iters}, rotation_iters={self.rotation_iters}")
 
 
 @dataclasses.dataclass
@@ -300,7 +304,12 @@ def hash_name(n) -> int:
 
 def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii), greedy with 2 + log k trials per centre, as
-    scikit-learn does: each new centre is the candidate that most lowers the potential."""
+    scikit-learn does: each new centre is the candidate that most lowers the potential.
+
+    The distances that weigh the sampling are float32 (from data centred on its mean, so that
+    no offset eats their digits): a matmul of a few candidate rows against every point runs at
+    memory speed, and float32 halves the memory. The centres are rows of X, in float64.
+    """
     n = X.shape[0]
     distinct = np.unique(X, axis=0).shape[0] if n <= 200_000 else n
     if distinct < k:
@@ -309,13 +318,19 @@ def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
             "give more (or more varied) training data or ask for fewer clusters"
         )
     trials = 2 + int(math.log(k))
-    centers = np.empty((k, X.shape[1]))
-    sq = np.einsum("ij,ij->i", X, X)
-    XT_neg2 = np.ascontiguousarray(-2.0 * X.T)
+    dim = X.shape[1]
+    centers = np.empty((k, dim))
+    Xc = X - X.mean(axis=0)
+    sq = np.einsum("ij,ij->i", Xc, Xc)
+    # Squared distances from candidates to every point in one matmul: [c, |c|^2, 1] . [-2x, 1, |x|^2].
+    left = np.empty((n, dim + 2), dtype=np.float32)
+    left[:, :dim], left[:, dim], left[:, dim + 1] = Xc, sq, 1.0
+    right = np.empty((dim + 2, n), dtype=np.float32)
+    right[:dim], right[dim], right[dim + 1] = -2.0 * Xc.T, 1.0, sq
     first = rng.integers(n)
     centers[0] = X[first]
-    closest = np.maximum(sq - 2 * X @ X[first] + sq[first], 0.0)
-    potential = closest.sum()
+    closest = np.maximum(left[first] @ right, 0.0)
+    potential = float(closest.sum(dtype=np.float64))
     for c in range(1, k):
         if potential <= 0:
             # Every point sits on a centre already; take points not chosen yet.
@@ -324,15 +339,14 @@ def kmeans_plus_plus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
             continue
         r = rng.random(trials) * potential
         cand = np.minimum(np.searchsorted(np.cumsum(closest), r), n - 1)
-        d = np.matmul(X[cand], XT_neg2)
-        d += sq
-        d += sq[cand][:, None]
-        np.maximum(d, 0.0, out=d)
+        d = np.matmul(left[cand], right)
         np.minimum(d, closest[None, :], out=d)
-        pots = d.sum(axis=1)
+        # Rounding can leave a point's distance to itself slightly below 0: clamped in the row kept.
+        pots = d.sum(axis=1, dtype=np.float64)
         best = int(np.argmin(pots))
         centers[c] = X[cand[best]]
-        closest, potential = d[best], pots[best]
+        closest = np.maximum(d[best], np.float32(0))
+        potential = float(closest.sum(dtype=np.float64))
     return centers
 
 
@@ -350,6 +364,11 @@ class KMeansPartial:
 
 
 def kmeans_chunk(X: np.ndarray, centroids) -> KMeansPartial:
+    return kmeans_chunk_labels(X, centroids)[0]
+
+
+def kmeans_chunk_labels(X: np.ndarray, centroids) -> tuple[KMeansPartial, np.ndarray]:
+    """kmeans_chunk's partial, and the label (nearest centroid) of every row."""
     cents = centroids if isinstance(centroids, Centroids) else Centroids(centroids)
     K, d = cents.C.shape
     X = np.ascontiguousarray(X)  # a column slice: gathers below run several times faster contiguous
@@ -370,7 +389,7 @@ def kmeans_chunk(X: np.ndarray, centroids) -> KMeansPartial:
             sums[:, j] = np.bincount(labels, weights=X[:, j], minlength=K)
     nf = min(FAR_POINTS, X.shape[0])
     far = np.argpartition(dists, X.shape[0] - nf)[X.shape[0] - nf:] if nf else np.empty(0, np.intp)
-    return KMeansPartial(counts, sums, float(dists.sum()), dists[far], X[far])
+    return KMeansPartial(counts, sums, float(dists.sum()), dists[far], X[far]), labels
 
 
 def kmeans_combine(a: KMeansPartial, b: KMeansPartial) -> KMeansPartial:
@@ -516,6 +535,100 @@ def rotations_aggregate(m: ClusterMoments, state: TrainState) -> TrainState:
     return dataclasses.replace(state, Rs=Rs, mus=m.means.copy())
 
 
+# --- pass: subquantizer step that also refines the rotations -------------------------------------------
+#
+# The rotations pass gives each coarse cluster the eigenvectors of its residuals' covariance,
+# permuted by eigenvalue allocation: the parametric solution of Optimized PQ (Ge et al., CVPR
+# 2013, sec. 3.2), which is exact only for Gaussian residuals. The non-parametric one (sec. 3.1)
+# alternates between the codebooks and the rotation: with the codes fixed, the rotation R that
+# minimises sum |R r - y|^2 over the cluster's residuals r and their reconstructions y is the
+# orthogonal Procrustes solution U W^T of the SVD U S W^T of sum y r^T. A sub_rotation_step does
+# both in one pass: it encodes the locally rotated residuals, accumulates the Lloyd sums of every
+# subquantizer and each cluster's cross moments sum y r^T, and its aggregate moves both the
+# subquantizers (means) and the rotations (Procrustes). The model format and the encoder are
+# unchanged: a rotation is any orthogonal matrix.
+
+@dataclasses.dataclass
+class CrossMoments:
+    """Per cluster of each half: the residuals counted and sum y r^T (codes' reconstruction y)."""
+
+    counts: np.ndarray    # (2, V)
+    cross: np.ndarray     # (2, V, D/2, D/2)
+
+
+def local_frames(X: np.ndarray, state: TrainState) -> tuple[np.ndarray, np.ndarray]:
+    """Each half's unrotated local residuals (x - C[c]) - mu[c], rows sorted by cluster, as a
+    (2, n, D/2) array, and the cluster bounds (2, V + 1): cluster v holds rows bounds[v]:bounds[v + 1].
+    They depend on the PCA, coarse centroids and means only, so they stand while R moves. As in
+    the sub_step passes, the parameters are the model's (float32 values), as the encoder's are."""
+    cfg = state.config
+    half, V = cfg.D // 2, cfg.V
+    Cs, mus = _f32(state.Cs), _f32(state.mus)
+    Y = state.lopq_space(X)
+    resid = np.empty((2, X.shape[0], half))
+    bounds = np.empty((2, V + 1), dtype=np.intp)
+    for h in (0, 1):
+        Yh = np.ascontiguousarray(Y[:, h * half:(h + 1) * half])
+        c = nearest(Yh, Cs[h])
+        order = np.argsort(c, kind="stable")
+        c = c[order]
+        resid[h] = (Yh[order] - Cs[h][c]) - mus[h][c]
+        bounds[h, 0] = 0
+        bounds[h, 1:] = np.cumsum(np.bincount(c, minlength=V))
+    return resid, bounds
+
+
+def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tuple:
+    cfg = state.config
+    resid, bounds = local_frames(X, state) if frames is None else frames
+    half, V, mh, d = cfg.D // 2, cfg.V, cfg.M // 2, cfg.D // cfg.M
+    n = resid.shape[1]
+    Rs = _f32(state.Rs)
+    counts = np.diff(bounds, axis=1).astype(np.int64)
+    cross = np.zeros((2, V, half, half))
+    parts = []
+    # Each subvector's rows contiguous, as the Lloyd step reads them: (M/2, n, d) per half.
+    Z = np.empty((mh, n, d))
+    for h in (0, 1):
+        r = resid[h]
+        clusters = np.flatnonzero(counts[h])
+        for v in clusters:
+            a, b = bounds[h, v], bounds[h, v + 1]
+            for j in range(mh):
+                np.matmul(r[a:b], Rs[h, v, j * d:(j + 1) * d].T, out=Z[j, a:b])
+        for j in range(mh):
+            sub = state.subs[h * mh + j]
+            part, labels = kmeans_chunk_labels(Z[j], sub)
+            parts.append(part)
+            Yj = sub[labels]                    # the codes' reconstructions of subvector j
+            for v in clusters:
+                a, b = bounds[h, v], bounds[h, v + 1]
+                cross[h, v, j * d:(j + 1) * d] = Yj[a:b].T @ r[a:b]
+    return (*parts, CrossMoments(counts, cross))
+
+
+def sub_rotation_step_combine(a: Sequence, b: Sequence) -> tuple:
+    *ka, ca = a
+    *kb, cb = b
+    return (*partials_combine(ka, kb), CrossMoments(ca.counts + cb.counts, ca.cross + cb.cross))
+
+
+def sub_rotation_step_aggregate(p, state: TrainState) -> TrainState:
+    cfg = state.config
+    *kp, cm = p
+    half = cfg.D // 2
+    subs = np.stack([kmeans_aggregate(kp[m], state.subs[m]) for m in range(cfg.M)])
+    Rs = np.array(state.Rs, dtype=np.float64, copy=True)
+    for h in (0, 1):
+        for v in range(cfg.V):
+            # As the rotations pass: a cluster with fewer residuals than dimensions keeps its rotation.
+            if cm.counts[h, v] >= max(half, 2):
+                U, _, Wt = np.linalg.svd(cm.cross[h, v])
+                Rs[h, v] = U @ Wt
+    return dataclasses.replace(state, subs=subs, Rs=Rs, previous_inertia=state.inertia,
+                               inertia=float(sum(q.inertia for q in kp)))
+
+
 # --- the passes as data, and the in-process driver -------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -545,14 +658,21 @@ PASSES = {p.name: p for p in (
          ("pca", "Cs", "Rs", "mus")),
     Pass("sub_step", sub_step_chunk, partials_combine, sub_step_aggregate, local_subvectors,
          ("pca", "Cs", "Rs", "mus")),
+    Pass("sub_rotation_step", sub_rotation_step_chunk, sub_rotation_step_combine, sub_rotation_step_aggregate,
+         local_frames, ("pca", "Cs", "mus")),
 )}
 
 
 class PreparedCache:
-    """Prepared chunks of the last few passes, reused while the state fields they read stand."""
+    """The prepared chunks of the last pass that had any, reused by the next passes with the same
+    prepare function while the state fields it reads stand. Only one set is kept: each is as
+    large as the data, and the passes sharing one run back to back."""
 
     def __init__(self):
         self._entries: dict[Callable, tuple[tuple, list]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def get(self, p: Pass, chunks: Sequence[np.ndarray], state: TrainState) -> list:
         if p.prepare is None:
@@ -561,6 +681,7 @@ class PreparedCache:
         hit = self._entries.get(p.prepare)
         if hit is not None and all(a is b for a, b in zip(hit[0], deps)):
             return hit[1]
+        self._entries.clear()
         prepared = [p.prepare(X, state) for X in chunks]
         self._entries[p.prepare] = (deps, prepared)
         return prepared
@@ -590,7 +711,10 @@ def plan(cfg: TrainConfig, state: TrainState, steps: Sequence[int] = (0, 1, 2)):
     """The passes fit() runs, as a generator that sees each new state (for early stopping).
 
     ``steps`` picks the reference's training steps; PCA belongs to step 0 when the state has no
-    PCA yet, and the parameters of skipped steps must already be in the state.
+    PCA yet, and the parameters of skipped steps must already be in the state. Of the sub_iters
+    subquantizer steps, the last rotation_iters also refine the rotations (sub_rotation_step)
+    when this run trains the rotations (step 1); they start even if the plain steps stopped
+    early, and their own early stop compares from their second step on.
     """
     if 0 in steps:
         if cfg.pca and state.pca is None:
@@ -604,9 +728,14 @@ def plan(cfg: TrainConfig, state: TrainState, steps: Sequence[int] = (0, 1, 2)):
         state = yield "rotations"
     if 2 in steps:
         state = yield "sub_init"
-        for _ in range(cfg.sub_iters):
+        refine = min(cfg.rotation_iters, cfg.sub_iters) if 1 in steps else 0
+        for _ in range(cfg.sub_iters - refine):
             state = yield "sub_step"
             if state.converged():
+                break
+        for i in range(refine):
+            state = yield "sub_rotation_step"
+            if i > 0 and state.converged():
                 break
 
 
@@ -634,8 +763,9 @@ def sample_mask(X: np.ndarray, ratio: float, seed: int) -> np.ndarray:
 
 
 def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: int = 256, *, seed: int = 0,
-        pca: bool = True, pca_dim: int | None = None, coarse_iters: int = 10, sub_iters: int = 20,
-        tol: float = 1e-4, init_sample: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        pca: bool = True, pca_dim: int | None = None, coarse_iters: int = 10, sub_iters: int = 12,
+        rotation_iters: int = 8, tol: float = 1e-4, init_sample: int | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
         steps: Sequence[int] = (0, 1, 2), existing: LOPQModel | PCA | None = None, sampling_ratio: float = 1.0,
         subquantizer_sampling_ratio: float = 1.0,
         progress: Callable[[str, TrainState, float], None] | None = None) -> LOPQModel:
@@ -651,6 +781,10 @@ def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: in
         balance variance across the halves first; pca=False quantizes X as it is.
     coarse_iters, sub_iters, tol : Lloyd steps at most, stopping early when the inertia
         improves by less than tol (relative).
+    rotation_iters : how many of the sub_iters subquantizer steps (the last ones) also refine
+        each cluster's rotation, by orthogonal Procrustes against the codes' reconstructions
+        (non-parametric OPQ, alternating with the subquantizers' Lloyd steps). Only when step 1
+        runs; 0 keeps the reference's rotations (eigenvectors of the residual covariance).
     init_sample : points sampled for k-means++ (default 32 per cluster, at least 1024).
     steps : the reference's training steps to run: 0 coarse (with the PCA), 1 rotations,
         2 subquantizers; the others' parameters come from ``existing``.
@@ -662,7 +796,8 @@ def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: in
     """
     chunks = _as_chunks(X, chunk_rows)
     state = initial_state(chunks[0].shape[1], V, M, subquantizer_clusters, seed=seed, pca=pca, pca_dim=pca_dim,
-                          coarse_iters=coarse_iters, sub_iters=sub_iters, tol=tol, init_sample=init_sample,
+                          coarse_iters=coarse_iters, sub_iters=sub_iters, rotation_iters=rotation_iters, tol=tol,
+                          init_sample=init_sample,
                           existing=existing)
     steps = check_steps(steps, state)
     cfg = state.config
@@ -675,6 +810,7 @@ def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: in
 
     def run(name: str, st: TrainState) -> TrainState:
         if name.startswith("sub_"):
+            cache.clear()       # the subquantizer passes come last: the PCA'd halves are done with
             return run_pass(PASSES[name], sub_chunks, st, sub_cache)
         return run_pass(PASSES[name], chunks, st, cache)
 
@@ -807,7 +943,7 @@ def state_from_bytes(data: bytes) -> TrainState:
 
 
 
-_PARTIAL_TYPES = {t.__name__: t for t in (Moments, Sample, KMeansPartial, ClusterMoments)}
+_PARTIAL_TYPES = {t.__name__: t for t in (Moments, Sample, KMeansPartial, ClusterMoments, CrossMoments)}
 
 
 def partial_to_bytes(p) -> bytes:

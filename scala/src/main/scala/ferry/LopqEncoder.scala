@@ -29,14 +29,17 @@ trait LopqEncoderParams extends LopqModelParams {
   final val coarseIters: IntParam = new IntParam(this, "coarseIters", "Lloyd steps of the coarse k-means at most " +
     "(default 10)", (v: Int) => v >= 0)
   final val subIters: IntParam = new IntParam(this, "subIters", "Lloyd steps of the subquantizers at most " +
-    "(default 20)", (v: Int) => v >= 0)
+    "(default 12)", (v: Int) => v >= 0)
+  final val rotationIters: IntParam = new IntParam(this, "rotationIters", "of the subquantizer steps, the last " +
+    "ones that also refine the local rotations (orthogonal Procrustes; default 8; 0: the reference's eigenvector " +
+    "rotations)", (v: Int) => v >= 0)
   final val tol: DoubleParam = new DoubleParam(this, "tol", "stop the Lloyd steps when the inertia improves by " +
     "less than this fraction (default 1e-4)", (v: Double) => v >= 0)
   final val aggDepth: IntParam = new IntParam(this, "aggDepth", "depth of the tree aggregation of each pass's " +
     "partials (default 2, as the reference's --agg_depth)", (v: Int) => v >= 1)
 
   setDefault(subquantizerClusters -> 256, pca -> true, pcaDim -> 0, seed -> 0, initSample -> 0, coarseIters -> 10,
-    subIters -> 20, tol -> 1e-4, aggDepth -> 2)
+    subIters -> 12, rotationIters -> 8, tol -> 1e-4, aggDepth -> 2)
 }
 
 /**
@@ -68,6 +71,7 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
   def setInitSample(value: Int): this.type = set(initSample, value)
   def setCoarseIters(value: Int): this.type = set(coarseIters, value)
   def setSubIters(value: Int): this.type = set(subIters, value)
+  def setRotationIters(value: Int): this.type = set(rotationIters, value)
   def setTol(value: Double): this.type = set(tol, value)
   def setAggDepth(value: Int): this.type = set(aggDepth, value)
 
@@ -157,8 +161,13 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
     inertia = Double.NaN
     pass("rotations")
     pass("sub_init")
+    // The last rotationIters of the subIters steps also refine the rotations; they run even when
+    // the plain steps stopped early, and their early stop compares from their second step on.
+    val refine = math.min($(rotationIters), $(subIters))
     i = 0
-    while (i < $(subIters)) { pass("sub_step"); i += 1; if (!lastImproved) i = $(subIters) }
+    while (i < $(subIters) - refine) { pass("sub_step"); i += 1; if (!lastImproved) i = $(subIters) - refine }
+    i = 0
+    while (i < refine) { pass("sub_rotation_step"); i += 1; if (i > 1 && !lastImproved) i = refine }
     if (model.isEmpty) throw new ProtocolException("The lopq_train stage's last aggregate returned no model.", null)
     copyValues(new LopqModel(Identifiable.randomUID("lopqModel"), model).setParent(this))
   }
