@@ -4,6 +4,7 @@ import com.google.protobuf.ByteString
 import org.apache.arrow.memory.BufferAllocator
 import org.apache.arrow.vector.{BigIntVector, BitVector, BitVectorHelper, Float8Vector, VectorSchemaRoot}
 import org.apache.arrow.vector.types.pojo.Schema
+import org.apache.spark.TaskContext
 import org.apache.spark.broadcast.Broadcast
 import org.apache.spark.ml.Transformer
 import org.apache.spark.ml.param.{DoubleArrayParam, Param, ParamMap, Params}
@@ -17,6 +18,8 @@ import org.apache.spark.sql.ferry.InternalFrames
 import org.apache.spark.sql.functions.{col, lit}
 import org.apache.spark.sql.types._
 import org.slf4j.LoggerFactory
+
+import scala.jdk.CollectionConverters._
 
 import ferry.ConvolvePlan._
 
@@ -71,9 +74,10 @@ trait ConvolveParams extends Params {
  * `idCol` (bigint, = o), `realCol` (double) and `imagCol` or "imag" (double), so
  * `full` gives N+L-1 rows, `same` max(N, L) and `valid` max(N, L) - min(N, L) + 1.
  *
- * How: a JVM-only pass finds each partition's runs of consecutive ids and their edge samples
- * (re-laying out the data by id if it is scattered, e.g. after `repartition(n)`); the driver
- * checks the ids tile 0..N-1 and gives each run the neighbouring samples it needs (its halos);
+ * How: a JVM-only pass finds each partition's runs of consecutive ids (re-laying out the data
+ * by id if it is scattered, e.g. after `repartition(n)`) and a short job reads each run's first
+ * samples; the driver checks the ids tile 0..N-1 and gives each run the samples after it that
+ * it needs (its halo, see [[ConvolvePlan]]);
  * then each partition streams its runs with their halos through a pooled Python worker
  * running the `convolve` stage. `transform` runs the planning pass (a Spark job) right away and
  * returns a DataFrame whose computation is lazy as usual. The input is read twice: cache it if
@@ -177,16 +181,12 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
       col(s"`${$(realCol)}`").cast(DoubleType).as("real"), imagExpr.as("imag"))
 
     def plan(source: Convolve.Source, maxRuns: Int): Array[PartitionPlan] = FerryException.unwrapping {
-      source.chunks(nm, forPlanning = true).mapPartitionsWithIndex((pid, chunks) => Iterator(planPartition(pid, chunks, k, maxRuns)))
+      source.idChunks(nm).mapPartitionsWithIndex((pid, chunks) => Iterator(planPartition(pid, chunks, maxRuns)))
         .collect()
     }
 
-    // A columnar scan of the columns as they are (bigint, double, double) is read in column
-    // batches; anything else as rows of the selection with its casts.
-    val direct = if ($(imagCol).isEmpty) None else SampleChunks.columnarSource(
-      dataset.select(col(s"`${$(idCol)}`"), col(s"`${$(realCol)}`"), col(s"`${$(imagCol)}`")))
-    var source = direct.map { case (rdd, ordinals) => Convolve.ColumnarSource(rdd, ordinals) }
-      .getOrElse(Convolve.RowSource(selected.queryExecution.toRdd))
+    val (columns, firstSource) = sourceOf(dataset, selected)
+    var source = firstSource
     Convolve.prestartLocal(spark, conf, source.numPartitions)
     var plans = plan(source, conf.convolveMaxRunsPerPartition)
     if (plans.exists(_.abandoned)) {
@@ -197,9 +197,11 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
         .queryExecution.toRdd)
       plans = plan(source, Int.MaxValue)
     }
+    if (!source.planChecksValues) columns.foreach(Convolve.checkNoNullValues(_, nm))
+    val heads = Convolve.readHeads(source, plans, k, nm)
     val m = $(mode)
     val l = taps
-    val computePlan = ConvolvePlan.computePlan(plans.toSeq, n => haloSizes(n, l, m)._1, n => haloSizes(n, l, m)._2, nm)
+    val computePlan = ConvolvePlan.computePlan(plans.toSeq, heads, n => haloSizes(n, l, m)._1, k, nm)
     if (computePlan.n == 0) {
       return spark.createDataFrame(java.util.Collections.emptyList[Row](), outSchema)
     }
@@ -208,6 +210,23 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     val out = source.chunks(nm).mapPartitionsWithIndex((pid, chunks) =>
       Convolve.computePartition(pid, chunks, bc, params, conf))
     InternalFrames.create(spark, out, outSchema)
+  }
+
+  /**
+   * The input's columns as they are (None for a real series), and where the samples come from:
+   * a columnar scan of those columns (bigint, double, double) is read in column batches, its ids
+   * alone for the planning pass when the scan can give them alone (Parquet can); anything else
+   * as rows of `selected`, the columns with their casts.
+   */
+  private[ferry] def sourceOf(dataset: Dataset[_], selected: DataFrame): (Option[DataFrame], Convolve.Source) = {
+    val columns = if ($(imagCol).isEmpty) None
+      else Some(dataset.select(col(s"`${$(idCol)}`"), col(s"`${$(realCol)}`"), col(s"`${$(imagCol)}`")))
+    val source = columns.flatMap(df => SampleChunks.columnarSource(df).map { case (rdd, ordinals) =>
+      val ids = SampleChunks.columnarSource(df.select(col(s"`${df.columns.head}`")), Seq(LongType))
+        .filter(_._1.getNumPartitions == rdd.getNumPartitions)
+      Convolve.ColumnarSource(rdd, ordinals, ids.map { case (r, o) => (r, o(0)) })
+    }).getOrElse(Convolve.RowSource(selected.queryExecution.toRdd))
+    (columns, source)
   }
 
   override def copy(extra: ParamMap): Convolve = defaultCopy(extra)
@@ -222,7 +241,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
 
   val Modes: Seq[String] = Seq("full", "same", "valid")
 
-  /** The columns sent to the worker, per convolve-wire.md. */
+  /** The columns sent to the worker (the convolve stage's input, python/ferry/stages/convolve.py). */
   private[ferry] val WireSchema: StructType = StructType(Seq(
     StructField("id", LongType, nullable = false), StructField("real", DoubleType, nullable = false),
     StructField("imag", DoubleType, nullable = false), StructField("halo", BooleanType, nullable = false)))
@@ -252,19 +271,97 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     def numPartitions: Int
     /** The samples in chunks; `forPlanning` chunks need only be readable until the next one. */
     def chunks(names: Names, forPlanning: Boolean = false): RDD[SampleChunk]
+    /** The ids in chunks (their values not read), for the planning pass. */
+    def idChunks(names: Names): RDD[SampleChunk]
+    /** Whether the planning pass also finds null values (else [[checkNoNullValues]] must). */
+    def planChecksValues: Boolean
   }
 
   private[ferry] final case class RowSource(rdd: RDD[InternalRow]) extends Source {
     def numPartitions: Int = rdd.getNumPartitions
     def chunks(names: Names, forPlanning: Boolean): RDD[SampleChunk] =
       rdd.mapPartitionsWithIndex((pid, rows) => SampleChunks.fromRows(rows, names, pid), preservesPartitioning = true)
+    // Rows come whole: checking their values for nulls costs nothing more.
+    def idChunks(names: Names): RDD[SampleChunk] = rdd.mapPartitionsWithIndex(
+      (pid, rows) => SampleChunks.fromRows(rows, names, pid, copyValues = false), preservesPartitioning = true)
+    def planChecksValues: Boolean = true
   }
 
-  private[ferry] final case class ColumnarSource(rdd: RDD[ColumnarBatch], ordinals: Array[Int]) extends Source {
+  /** A columnar scan; `ids`, when given, is a scan of the id column alone (batches, ordinal). */
+  private[ferry] final case class ColumnarSource(rdd: RDD[ColumnarBatch], ordinals: Array[Int],
+      ids: Option[(RDD[ColumnarBatch], Int)] = None) extends Source {
     def numPartitions: Int = rdd.getNumPartitions
     def chunks(names: Names, forPlanning: Boolean): RDD[SampleChunk] = rdd.mapPartitionsWithIndex(
       (pid, batches) => SampleChunks.fromBatches(batches, ordinals, names, pid, copyValues = !forPlanning),
       preservesPartitioning = true)
+    def idChunks(names: Names): RDD[SampleChunk] = ids match {
+      case Some((idRdd, ordinal)) => idRdd.mapPartitionsWithIndex(
+        (pid, batches) => SampleChunks.idsFromBatches(batches, ordinal, names, pid), preservesPartitioning = true)
+      case None => chunks(names, forPlanning = true)
+    }
+    def planChecksValues: Boolean = ids.isEmpty
+  }
+
+  /**
+   * Fails naming the first null of the value columns, if any. A Parquet series whose footers
+   * count no nulls in them (Spark writes the counts) is cleared without a job; otherwise a query
+   * looks for one (on Parquet, answered mostly from the row groups' statistics as well).
+   */
+  private[ferry] def checkNoNullValues(columns: DataFrame, names: Names): Unit = FerryException.unwrapping {
+    val Array(id, re, im) = columns.columns.map(c => col(s"`$c`"))
+    if (!footersCountNoNulls(columns, columns.columns.tail.toSeq)) {
+      columns.where(re.isNull || im.isNull).select(id, re.isNull).limit(1).collect().headOption.foreach { row =>
+        throw SampleChunks.nullValue(if (row.getBoolean(1)) names.real else names.imag, row.getLong(0))
+      }
+    }
+  }
+
+  /** At most this many footers are read on the driver; more files take the query. */
+  private val MaxFootersRead = 256
+
+  /** True when `df` reads Parquet files whose every row group counts 0 nulls in `columns`; false when unsure. */
+  private[ferry] def footersCountNoNulls(df: DataFrame, columns: Seq[String]): Boolean = try {
+    val files = df.inputFiles
+    val parquet = df.queryExecution.executedPlan.collectFirst {
+      case s: org.apache.spark.sql.execution.FileSourceScanExec =>
+        s.relation.fileFormat.isInstanceOf[org.apache.spark.sql.execution.datasources.parquet.ParquetFileFormat]
+    }.getOrElse(false)
+    if (!parquet || files.isEmpty || files.length > MaxFootersRead) return false
+    val hconf = df.sparkSession.sparkContext.hadoopConfiguration
+    files.forall { f =>
+      val reader = org.apache.parquet.hadoop.ParquetFileReader.open(
+        org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(new org.apache.hadoop.fs.Path(new java.net.URI(f)), hconf))
+      try {
+        reader.getFooter.getBlocks.asScala.forall { block =>
+          columns.forall { c =>
+            block.getColumns.asScala.find(_.getPath.toDotString.equalsIgnoreCase(c)).exists { m =>
+              val st: org.apache.parquet.column.statistics.Statistics[_] = m.getStatistics
+              st != null && st.isNumNullsSet && st.getNumNulls == 0
+            }
+          }
+        }
+      } finally reader.close()
+    }
+  } catch {
+    case scala.util.control.NonFatal(e) =>
+      log.debug(s"Parquet footers not read for the null check (${e.getMessage}); querying instead")
+      false
+  }
+
+  /** The heads of the runs (see [[ConvolvePlan]]), read by a job over the partitions that hold any. */
+  private[ferry] def readHeads(source: Source, plans: Array[PartitionPlan], k: Int,
+      names: Names): Map[(Int, Int), Head] = FerryException.unwrapping {
+    val wanted = plans.map(p => p.partition -> (p.runs, wantedHeads(p, k))).filter(_._2._2.nonEmpty).toMap
+    if (wanted.isEmpty) Map.empty
+    else {
+      val rdd = source.chunks(names, forPlanning = true)
+      val pids = wanted.keys.toSeq.sorted
+      val read = rdd.sparkContext.runJob(rdd, (ctx: TaskContext, chunks: Iterator[SampleChunk]) => {
+        val (runs, w) = wanted(ctx.partitionId())
+        ConvolvePlan.readHeads(ctx.partitionId(), chunks, runs, w, changed)
+      }, pids)
+      pids.zip(read).flatMap { case (pid, hs) => hs.map { case (ri, h) => (pid, ri) -> h } }.toMap
+    }
   }
 
   /** Streams one partition's runs with their halos through a pooled worker. */
@@ -305,9 +402,9 @@ object Convolve extends DefaultParamsReadable[Convolve] {
   }
 
   /**
-   * The record batches sent for a group of runs: for each run its left halo (halo = true), its
-   * own samples as they arrive from Spark (halo = false, checked against the plan), then its
-   * right halo. Columns are filled in bulk straight from the chunks.
+   * The record batches sent for a group of runs: for each run its own samples as they arrive
+   * from Spark (checked against the plan), then the samples after it from the plan; rows whose
+   * ids the run does not own are flagged halo. Columns are filled in bulk straight from the chunks.
    */
   private final class RunMessages(pid: Int, runs: Array[RunPlan], in: ChunkCursor, checkEnd: Boolean,
       rowsPerBatch: Int, allocator: BufferAllocator) extends Iterator[ByteString] with AutoCloseable {
@@ -322,7 +419,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       v.allocateNew()
     }
     private var r = 0 // run index
-    private var phase = 0 // 0 left halo, 1 own samples, 2 right halo
+    private var phase = 0 // 0 own samples, 1 the samples after the run
     private var i = 0L // index within the phase
     private var endChecked = false
 
@@ -330,15 +427,11 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     private def settle(): Boolean = {
       while (r < runs.length) {
         val p = runs(r)
-        val size = phase match {
-          case 0 => p.leftRe.length.toLong
-          case 1 => p.run.length
-          case _ => p.rightRe.length.toLong
-        }
+        val size = if (phase == 0) p.run.length else p.extRe.length.toLong
         if (i < size) return true
         phase += 1
         i = 0
-        if (phase == 3) { phase = 0; r += 1 }
+        if (phase == 2) { phase = 0; r += 1 }
       }
       if (checkEnd && !endChecked) {
         endChecked = true
@@ -356,11 +449,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       var n = 0
       while (n < rowsPerBatch && settle()) {
         val p = runs(r)
-        phase match {
-          case 0 => n = halo(n, p.leftStart + i, p.leftRe, p.leftIm)
-          case 1 => n = own(n, p.run)
-          case _ => n = halo(n, p.run.end + i, p.rightRe, p.rightIm)
-        }
+        n = if (phase == 0) own(n, p) else after(n, p)
       }
       // No sample is null: every row is valid. The halo flags were set row by row (halo rows
       // are few); the vectors come zeroed from allocateNew / reset.
@@ -371,7 +460,8 @@ object Convolve extends DefaultParamsReadable[Convolve] {
 
     // The vectors are filled with bulk copies from the chunks' arrays: per-element set() calls
     // check bounds and set a validity bit each, and took most of the compute pass's JVM time.
-    private def putSamples(n: Int, firstId: Long, re: Array[Double], im: Array[Double], from: Int, m: Int): Unit = {
+    private def putSamples(n: Int, firstId: Long, re: Array[Double], im: Array[Double], from: Int, m: Int,
+        p: RunPlan): Unit = {
       val ids = idV.getDataBufferAddress + 8L * n
       var j = 0
       while (j < m) {
@@ -381,21 +471,24 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       val src = Platform.DOUBLE_ARRAY_OFFSET + 8L * from
       Platform.copyMemory(re, src, null, reV.getDataBufferAddress + 8L * n, 8L * m)
       Platform.copyMemory(im, src, null, imV.getDataBufferAddress + 8L * n, 8L * m)
+      // Halo flags for the rows outside [ownFrom, ownUntil): at most kernel length - 1 per run.
+      val lo = math.min(math.max(p.ownFrom - firstId, 0L), m.toLong).toInt
+      val hi = math.max(math.min(math.max(p.ownUntil - firstId, 0L), m.toLong).toInt, lo)
+      j = 0
+      while (j < lo) { BitVectorHelper.setBit(haloV.getDataBuffer, (n + j).toLong); j += 1 }
+      j = hi
+      while (j < m) { BitVectorHelper.setBit(haloV.getDataBuffer, (n + j).toLong); j += 1 }
     }
 
-    private def halo(n: Int, firstId: Long, re: Array[Double], im: Array[Double]): Int = {
-      val m = math.min(rowsPerBatch - n, re.length - i.toInt)
-      putSamples(n, firstId, re, im, i.toInt, m)
-      var j = 0
-      while (j < m) {
-        BitVectorHelper.setBit(haloV.getDataBuffer, (n + j).toLong)
-        j += 1
-      }
+    private def after(n: Int, p: RunPlan): Int = {
+      val m = math.min(rowsPerBatch - n, p.extRe.length - i.toInt)
+      putSamples(n, p.run.end + i, p.extRe, p.extIm, i.toInt, m, p)
       i += m
       n + m
     }
 
-    private def own(n: Int, run: RunInfo): Int = {
+    private def own(n: Int, p: RunPlan): Int = {
+      val run = p.run
       val expected = run.start + i
       val avail = in.available()
       if (avail == 0) throw changed(s"partition $pid ended before id $expected")
@@ -409,23 +502,17 @@ object Convolve extends DefaultParamsReadable[Convolve] {
         }
         j += 1
       }
-      // The samples recorded by the planning pass must read the same now.
-      val h = run.headRe.length
-      def check(sampleFrom: Long, sampleUntil: Long, recRe: Array[Double], recIm: Array[Double], recFirst: Long): Unit = {
-        var s = math.max(sampleFrom, i)
-        val until = math.min(sampleUntil, i + m)
-        while (s < until) {
-          val at = off + (s - i).toInt
-          val q = (s - recFirst).toInt
-          if (!(sameBits(c.re(at), recRe(q)) && sameBits(c.im(at), recIm(q)))) {
-            throw changed(s"the value of id ${run.start + s} differs")
-          }
-          s += 1
+      // The head the heads job read (and sent to the run before) must read the same now.
+      var s = i
+      val until = math.min(p.head.re.length.toLong, i + m)
+      while (s < until) {
+        val at = off + (s - i).toInt
+        if (!(sameBits(c.re(at), p.head.re(s.toInt)) && sameBits(c.im(at), p.head.im(s.toInt)))) {
+          throw changed(s"the value of id ${run.start + s} differs")
         }
+        s += 1
       }
-      check(0, h, run.headRe, run.headIm, 0)
-      check(run.length - h, run.length, run.tailRe, run.tailIm, run.length - h)
-      putSamples(n, expected, c.re, c.im, off, m)
+      putSamples(n, expected, c.re, c.im, off, m, p)
       in.pos += m
       i += m
       n + m

@@ -7,36 +7,43 @@ import scala.collection.mutable.ArrayBuffer
  * neighbouring samples (halos) each block needs, computed without Python.
  *
  * A *run* is a maximal sequence of rows of one partition whose ids increase by exactly one in
- * arrival order. The planning pass records, per run, its first id, its length and its first and
- * last `K = kernel length - 1` samples; the driver checks that the runs tile 0..N-1 exactly and
- * cuts each run's halos out of its neighbours' recorded samples.
+ * arrival order. The planning pass reads the ids alone and records, per run, its first id, its
+ * length and the row where it starts; the driver checks that the runs tile 0..N-1 exactly. A
+ * second, short job reads the first `K = kernel length - 1` samples of every run but the first
+ * (the *heads*), stopping once it has them: for a partition holding one run, one column batch.
+ *
+ * Why only heads: input id a "owns" output a (python/ferry/stages/convolve.py), so a run
+ * [a, b) owning its own outputs would need K - s samples before it (the tail of the run before,
+ * which only a read of that whole partition finds) and s after it. Shifting ownership by
+ * hl = K - s instead, a run owns outputs [a + hl, b + hl): it sends its first hl samples as halo
+ * rows, its other samples as owned rows, then the K samples after it (the heads of the runs
+ * that follow): the first hl of those owned, the rest halo. The first run (a = 0) owns from
+ * output 0; the last run's last sample owns the outputs past N, as the worker has it. Every
+ * output is still owned exactly once.
  */
 private[ferry] object ConvolvePlan {
 
-  /** One run as seen by the planning pass. */
-  final case class RunInfo(
-      start: Long,
-      length: Long,
-      headRe: Array[Double],
-      headIm: Array[Double],
-      tailRe: Array[Double],
-      tailIm: Array[Double]) {
+  /** One run as seen by the planning pass: ids [start, start + length) from row `row` of its partition. */
+  final case class RunInfo(start: Long, length: Long, row: Long) {
     def end: Long = start + length
   }
 
   /** One partition's runs in arrival order; `abandoned` when it had more than the allowed number. */
   final case class PartitionPlan(partition: Int, runs: Array[RunInfo], abandoned: Boolean, rows: Long)
 
-  /** What the compute pass needs for one run: its ids, its recorded samples and its halos. */
-  final case class RunPlan(
-      run: RunInfo,
-      leftStart: Long,
-      leftRe: Array[Double],
-      leftIm: Array[Double],
-      rightRe: Array[Double],
-      rightIm: Array[Double]) {
-    def firstSent: Long = leftStart
-    def lastSent: Long = run.end + rightRe.length - 1
+  /** The first samples of a run, as the heads job read them. */
+  final case class Head(re: Array[Double], im: Array[Double])
+
+  /**
+   * What the compute pass sends for one run: its own samples, then `extRe`/`extIm`, the samples
+   * of ids [run.end, run.end + ext length) from the runs after it. Rows with ids in
+   * [ownFrom, ownUntil) are owned, the others halo. `head` is the run's own head as the heads job
+   * read it (empty for the first run), checked again when the run is sent.
+   */
+  final case class RunPlan(run: RunInfo, ownFrom: Long, ownUntil: Long, head: Head, extRe: Array[Double],
+      extIm: Array[Double]) {
+    def firstSent: Long = run.start
+    def lastSent: Long = run.end + extRe.length - 1
   }
 
   /** The broadcast plan of the compute pass. */
@@ -46,88 +53,104 @@ private[ferry] object ConvolvePlan {
   final case class Names(id: String, real: String, imag: String)
 
   /**
-   * Plans one partition's samples. Stops early, returning an abandoned plan, when the partition
+   * Plans one partition's ids. Stops early, returning an abandoned plan, when the partition
    * holds more than `maxRuns` runs.
    */
-  def planPartition(partition: Int, chunks: Iterator[SampleChunk], k: Int, maxRuns: Int): PartitionPlan = {
+  def planPartition(partition: Int, chunks: Iterator[SampleChunk], maxRuns: Int): PartitionPlan = {
     val runs = ArrayBuffer.empty[RunInfo]
-    val headRe = new Array[Double](k)
-    val headIm = new Array[Double](k)
-    val tailRe = new Array[Double](k)
-    val tailIm = new Array[Double](k)
     var start = 0L
     var len = 0L
-    var prev = 0L
+    var runRow = 0L
     var rowIndex = 0L
-
-    def close(): Unit = if (len > 0) {
-      val h = math.min(len, k.toLong).toInt
-      val tRe = new Array[Double](h)
-      val tIm = new Array[Double](h)
-      // The tail is a ring buffer: sample i of the run sits at i % k.
-      var j = 0
-      while (j < h) {
-        val pos = ((len - h + j) % k).toInt
-        tRe(j) = tailRe(pos)
-        tIm(j) = tailIm(pos)
-        j += 1
-      }
-      runs += RunInfo(start, len, java.util.Arrays.copyOf(headRe, h), java.util.Arrays.copyOf(headIm, h), tRe, tIm)
-      len = 0
-    }
-
     while (chunks.hasNext) {
       val c = chunks.next()
+      val ids = c.ids
       var i = 0
       while (i < c.n) {
-        val id = c.ids(i)
-        if (len == 0 || id != prev + 1) {
-          close()
-          if (runs.length >= maxRuns) return PartitionPlan(partition, Array.empty, abandoned = true, rowIndex)
+        val id = ids(i)
+        if (len == 0 || id != start + len) {
+          if (len > 0) {
+            runs += RunInfo(start, len, runRow)
+            if (runs.length >= maxRuns) return PartitionPlan(partition, Array.empty, abandoned = true, rowIndex)
+          }
           start = id
+          len = 0
+          runRow = rowIndex
         }
-        // Only a run's first and last k samples are kept: inside a long run, skip to its last k.
-        var stretch = 1
-        if (len >= k) {
-          val limit = c.n - i
-          while (stretch < limit && c.ids(i + stretch) == id + stretch) stretch += 1
-          val skip = math.max(0, stretch - k)
-          if (skip > 0) {
-            i += skip
-            len += skip
-            rowIndex += skip
-            stretch -= skip
-            prev = c.ids(i - 1)
-          }
-        }
-        var j = 0
-        while (j < stretch) {
-          if (k > 0) {
-            if (len < k) {
-              headRe(len.toInt) = c.reAt(i)
-              headIm(len.toInt) = c.imAt(i)
-            }
-            val pos = (len % k).toInt
-            tailRe(pos) = c.reAt(i)
-            tailIm(pos) = c.imAt(i)
-          }
-          prev = c.ids(i)
-          len += 1
-          rowIndex += 1
-          i += 1
-          j += 1
-        }
+        // The rest of the run within this chunk, in one tight loop.
+        var j = i + 1
+        var expected = id + 1
+        while (j < c.n && ids(j) == expected) { j += 1; expected += 1 }
+        len += j - i
+        rowIndex += j - i
+        i = j
       }
     }
-    close()
+    if (len > 0) runs += RunInfo(start, len, runRow)
     PartitionPlan(partition, runs.toArray, abandoned = false, rowIndex)
   }
 
+  /** The heads a partition must give: (run index, first row, samples) for each run not starting at id 0. */
+  def wantedHeads(plan: PartitionPlan, k: Int): Array[(Int, Long, Int)] =
+    if (k == 0) Array.empty
+    else plan.runs.indices.collect {
+      case i if plan.runs(i).start != 0 => (i, plan.runs(i).row, math.min(plan.runs(i).length, k.toLong).toInt)
+    }.toArray
+
   /**
-   * Checks that the runs of all partitions tile 0..N-1 exactly and builds each run's halos:
-   * left ids [max(0, a - hl), a), right ids [b, min(N, b + hr)) for a run [a, b).
+   * One partition's wanted heads (in row order, as [[wantedHeads]] gives them), read from its
+   * samples; stops reading after the last. `changed` builds the error for a partition whose rows
+   * are not those the planning pass saw.
    */
-  def computePlan(plans: Seq[PartitionPlan], hlFor: Long => Int, hrFor: Long => Int, names: Names): ComputePlan = {
+  def readHeads(partition: Int, chunks: Iterator[SampleChunk], runs: Array[RunInfo], wanted: Array[(Int, Long, Int)],
+      changed: String => Exception): Array[(Int, Head)] = {
+    val out = ArrayBuffer.empty[(Int, Head)]
+    var w = 0
+    var row = 0L // the current chunk's first row in the partition
+    var re: Array[Double] = null
+    var im: Array[Double] = null
+    while (w < wanted.length) {
+      if (!chunks.hasNext) {
+        throw changed(s"partition $partition ended after $row rows, before the samples of id " +
+          s"${runs(wanted(w)._1).start + math.max(0L, row - wanted(w)._2)}")
+      }
+      val c = chunks.next()
+      var more = true
+      while (more && w < wanted.length && wanted(w)._2 < row + c.n) {
+        val (ri, first, count) = wanted(w)
+        if (re == null) { re = new Array[Double](count); im = new Array[Double](count) }
+        val from = math.max(first, row)
+        val until = math.min(first + count, row + c.n)
+        var r = from
+        while (r < until) {
+          val at = (r - row).toInt
+          val q = (r - first).toInt
+          val id = runs(ri).start + q
+          if (c.ids(at) != id) throw changed(s"partition $partition gave id ${c.ids(at)} where the plan had id $id")
+          re(q) = c.reAt(at)
+          im(q) = c.imAt(at)
+          r += 1
+        }
+        if (until == first + count) {
+          out += ri -> Head(re, im)
+          re = null
+          im = null
+          w += 1
+        } else more = false
+      }
+      row += c.n
+    }
+    out.toArray
+  }
+
+  /**
+   * Checks that the runs of all partitions tile 0..N-1 exactly and builds each run's plan: a run
+   * [a, b) sends ids [a, min(N, b + k)) and owns [a + hl, min(N, b + hl)), from 0 for the first run,
+   * where hl = `hlFor(N)`.
+   * `heads(partition, run index)` is a run's head (for every run not starting at 0).
+   */
+  def computePlan(plans: Seq[PartitionPlan], heads: Map[(Int, Int), Head], hlFor: Long => Int, k: Int,
+      names: Names): ComputePlan = {
     val all = plans.flatMap(p => p.runs.indices.map(i => (p.partition, i, p.runs(i)))).sortBy(_._3.start).toArray
     if (all.isEmpty) return ComputePlan(0L, Map.empty)
     val first = all.head._3
@@ -155,44 +178,32 @@ private[ferry] object ConvolvePlan {
     }
     val n = expected
     val hl = hlFor(n)
-    val hr = hrFor(n)
-    val runs = all.map(_._3)
+    val noHead = Head(Array.emptyDoubleArray, Array.emptyDoubleArray)
+    def headOf(idx: Int): Head =
+      if (all(idx)._3.start == 0 || k == 0) noHead
+      else heads.getOrElse((all(idx)._1, all(idx)._2),
+        throw new IllegalStateException(s"no head read for the run at id ${all(idx)._3.start}"))
     val planned = all.indices.map { idx =>
       val (pid, pos, r) = all(idx)
-      // Left halo: the tails of the runs before, walking back until hl samples (or id 0) are covered.
-      val lo = math.max(0L, r.start - hl)
-      val leftN = (r.start - lo).toInt
-      val leftRe = new Array[Double](leftN)
-      val leftIm = new Array[Double](leftN)
-      var j = idx - 1
-      var need = r.start // exclusive upper id still to fill
-      while (need > lo) {
-        val q = runs(j)
-        val from = math.max(q.start, lo)
-        val count = (need - from).toInt
-        val tailFirstId = q.end - q.tailRe.length
-        System.arraycopy(q.tailRe, (from - tailFirstId).toInt, leftRe, (from - lo).toInt, count)
-        System.arraycopy(q.tailIm, (from - tailFirstId).toInt, leftIm, (from - lo).toInt, count)
-        need = from
-        j -= 1
-      }
-      // Right halo: the heads of the runs after, walking forward until hr samples (or id N-1) are covered.
-      val hi = math.min(n, r.end + hr)
-      val rightN = (hi - r.end).toInt
-      val rightRe = new Array[Double](rightN)
-      val rightIm = new Array[Double](rightN)
-      j = idx + 1
+      // The samples after the run: the heads of the runs that follow, until k samples (or id N-1).
+      val hi = math.min(n, r.end + k)
+      val extN = (hi - r.end).toInt
+      val extRe = new Array[Double](extN)
+      val extIm = new Array[Double](extN)
+      var j = idx + 1
       var have = r.end
       while (have < hi) {
-        val q = runs(j)
+        val q = all(j)._3
+        val h = headOf(j)
         val until = math.min(q.end, hi)
         val count = (until - have).toInt
-        System.arraycopy(q.headRe, (have - q.start).toInt, rightRe, (have - r.end).toInt, count)
-        System.arraycopy(q.headIm, (have - q.start).toInt, rightIm, (have - r.end).toInt, count)
+        System.arraycopy(h.re, (have - q.start).toInt, extRe, (have - r.end).toInt, count)
+        System.arraycopy(h.im, (have - q.start).toInt, extIm, (have - r.end).toInt, count)
         have = until
         j += 1
       }
-      (pid, pos, RunPlan(r, lo, leftRe, leftIm, rightRe, rightIm))
+      val ownFrom = if (r.start == 0) 0L else r.start + hl
+      (pid, pos, RunPlan(r, ownFrom, math.min(n, r.end + hl), headOf(idx), extRe, extIm))
     }
     val byPartition = planned.groupBy(_._1).map { case (pid, xs) => pid -> xs.sortBy(_._2).map(_._3).toArray }
     ComputePlan(n, byPartition)
@@ -217,7 +228,7 @@ private[ferry] object ConvolvePlan {
     groups.toSeq
   }
 
-  /** numpy.convolve geometry, as in convolve-wire.md: (s, output length). */
+  /** numpy.convolve geometry, as in python/ferry/stages/convolve.py: (s, output length). */
   def geometry(n: Long, taps: Int, mode: String): (Long, Long) = {
     val m = math.min(n, taps.toLong)
     mode match {

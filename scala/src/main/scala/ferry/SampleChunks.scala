@@ -5,7 +5,7 @@ import org.apache.spark.sql.DataFrame
 import org.apache.spark.sql.catalyst.InternalRow
 import org.apache.spark.sql.catalyst.expressions.AttributeReference
 import org.apache.spark.sql.execution.{ColumnarToRowExec, InputAdapter, ProjectExec, SparkPlan, WholeStageCodegenExec}
-import org.apache.spark.sql.types.{DoubleType, LongType}
+import org.apache.spark.sql.types.{DataType, DoubleType, LongType}
 import org.apache.spark.sql.vectorized.{ColumnVector, ColumnarBatch}
 
 import ferry.ConvolvePlan.Names
@@ -33,19 +33,22 @@ private[ferry] object SampleChunks {
     new InvalidInputException("convolve", s"Column '${names.id}' is null at row $row of partition $partition; " +
       "every sample needs an id in 0..N-1. Drop or fill the rows with null ids first.")
 
-  private def nullValue(col: String, id: Long) =
+  def nullValue(col: String, id: Long): InvalidInputException =
     new InvalidInputException("convolve", s"Column '$col' is null at id $id; Convolve needs a value for every " +
       "sample. Fill the nulls (e.g. na.fill(0.0)) or drop those rows and renumber the ids.")
 
-  /** Chunks of (id bigint, real double, imag double) rows; nulls fail naming the row or id. */
-  def fromRows(rows: Iterator[InternalRow], names: Names, pid: Int): Iterator[SampleChunk] =
+  /**
+   * Chunks of (id bigint, real double, imag double) rows; nulls fail naming the row or id. Without
+   * `copyValues` the chunks hold the ids alone (the values are still checked for nulls).
+   */
+  def fromRows(rows: Iterator[InternalRow], names: Names, pid: Int, copyValues: Boolean = true): Iterator[SampleChunk] =
     new Iterator[SampleChunk] {
       private var seen = 0L
       def hasNext: Boolean = rows.hasNext
       def next(): SampleChunk = {
         val ids = new Array[Long](RowChunk)
-        val re = new Array[Double](RowChunk)
-        val im = new Array[Double](RowChunk)
+        val re = if (copyValues) new Array[Double](RowChunk) else null
+        val im = if (copyValues) new Array[Double](RowChunk) else null
         var n = 0
         while (n < RowChunk && rows.hasNext) {
           val row = rows.next()
@@ -54,8 +57,10 @@ private[ferry] object SampleChunks {
           if (row.isNullAt(1)) throw nullValue(names.real, id)
           if (row.isNullAt(2)) throw nullValue(names.imag, id)
           ids(n) = id
-          re(n) = row.getDouble(1)
-          im(n) = row.getDouble(2)
+          if (copyValues) {
+            re(n) = row.getDouble(1)
+            im(n) = row.getDouble(2)
+          }
           n += 1
         }
         seen += n
@@ -85,6 +90,21 @@ private[ferry] object SampleChunks {
     }
   }
 
+  /** Chunks of the ids alone from column batches whose column `ordinal` is the id (bigint). */
+  def idsFromBatches(batches: Iterator[ColumnarBatch], ordinal: Int, names: Names, pid: Int): Iterator[SampleChunk] =
+    new Iterator[SampleChunk] {
+      private var seen = 0L
+      def hasNext: Boolean = batches.hasNext
+      def next(): SampleChunk = {
+        val b = batches.next()
+        val n = b.numRows()
+        val idv = b.column(ordinal)
+        if (idv.hasNull) throw nullId(names, pid, seen + firstNull(idv, n))
+        seen += n
+        new SampleChunk(n, idv.getLongs(0, n), null, null)
+      }
+    }
+
   private def firstNull(v: ColumnVector, n: Int): Int = {
     var i = 0
     while (i < n && !v.isNullAt(i)) i += 1
@@ -95,10 +115,11 @@ private[ferry] object SampleChunks {
    * The column batches behind `df` when its physical plan is a columnar scan turned into rows
    * (optionally with a pure column selection on top), with the ordinals of `df`'s columns in
    * them; None for any other plan (filters, joins, casts, row-based sources), which takes the
-   * row path. `df` must have exactly the columns (id bigint, real double, imag double).
+   * row path. `df` must have exactly the columns `types` (by default id bigint, real double, imag double).
    */
-  def columnarSource(df: DataFrame): Option[(RDD[ColumnarBatch], Array[Int])] = {
-    if (df.schema.map(_.dataType) != Seq(LongType, DoubleType, DoubleType)) return None
+  def columnarSource(df: DataFrame, types: Seq[DataType] = Seq(LongType, DoubleType, DoubleType))
+      : Option[(RDD[ColumnarBatch], Array[Int])] = {
+    if (df.schema.map(_.dataType) != types) return None
     def unwrap(p: SparkPlan): SparkPlan = p match {
       case w: WholeStageCodegenExec => unwrap(w.child)
       case i: InputAdapter => unwrap(i.child)
@@ -107,7 +128,7 @@ private[ferry] object SampleChunks {
     // Pure column selections keep the scan's attribute ids, so each wanted column is found by id.
     def ordinalsIn(scan: SparkPlan): Option[Array[Int]] = {
       val idx = df.queryExecution.executedPlan.output.map(a => scan.output.indexWhere(_.exprId == a.exprId))
-      if (idx.length == 3 && idx.forall(_ >= 0)) Some(idx.toArray) else None
+      if (idx.length == types.length && idx.forall(_ >= 0)) Some(idx.toArray) else None
     }
     unwrap(df.queryExecution.executedPlan) match {
       case c: ColumnarToRowExec if unwrap(c.child).supportsColumnar =>

@@ -232,6 +232,32 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("on Parquet the planning pass reads the id column alone, and footers clear the value columns of nulls") {
+    val (re, im) = series(9000, 4)
+    withConf("spark.sql.files.maxPartitionBytes" -> "65536", "spark.sql.files.openCostInBytes" -> "1024") {
+      val in = parquet(contiguous(re, im, 3), "ids-only")
+      val conv = new Convolve().setKernelReal(Array(0.5, 0.25, 0.125))
+      val selected = in.select(col("id"), col("real"), col("imag"))
+      conv.sourceOf(in, selected)._2 match {
+        case s: Convolve.ColumnarSource =>
+          val (idScan, _) = s.ids.getOrElse(fail("no id-only scan for a Parquet series"))
+          assert(idScan.getNumPartitions == s.rdd.getNumPartitions && idScan.getNumPartitions > 1)
+          assert(idScan.map(_.numCols()).collect().toSet == Set(1))
+          assert(!s.planChecksValues)
+        case other => fail(s"expected a columnar source, got $other")
+      }
+      assert(Convolve.footersCountNoNulls(in, Seq("real", "imag")))
+      val withNull = parquet(contiguous(re, im, 3).withColumn("real",
+        when(col("id") === 8000, lit(null).cast(DoubleType)).otherwise(col("real"))), "ids-only-null")
+      assert(!Convolve.footersCountNoNulls(withNull, Seq("real", "imag")))
+      assert(Convolve.footersCountNoNulls(withNull, Seq("imag")))
+      // Not Parquet: the footers cannot tell, so the query decides.
+      assert(!Convolve.footersCountNoNulls(contiguous(re, im, 2), Seq("real", "imag")))
+      val e = error[InvalidInputException](withNull, conv)
+      assert(e.getMessage.contains("'real'") && e.getMessage.contains("id 8000"), e.getMessage)
+    }
+  }
+
   test("Parquet nulls and Parquet files rewritten between the passes fail with InvalidInputException") {
     val base = spark.range(0, 5000, 1, 2).select(col("id"), (col("id") * 0.5).as("real"), lit(0.0).as("imag"))
     val nullImag = parquet(base.withColumn("imag",
@@ -369,7 +395,7 @@ object ConvolveSuite {
 
   /**
    * numpy.convolve(x, k, mode) by the direct double-precision sum (x complex = re + i im). The
-   * `mode` output o is the full output o + s, s as in convolve-wire.md.
+   * `mode` output o is the full output o + s, s as in python/ferry/stages/convolve.py.
    */
   def reference(re: Array[Double], im: Array[Double], kr: Array[Double], ki: Array[Double],
       mode: String): (Array[Double], Array[Double]) = {
