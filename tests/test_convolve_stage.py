@@ -162,3 +162,20 @@ def test_stream_errors_name_the_missing_samples():
         StreamConvolver(np.ones(5), "same", 100).feed(np.array([100]), np.ones(1))
     with pytest.raises(InvalidParamsError, match="length must be the number of samples"):
         StreamConvolver(np.ones(5), "same", 0)
+
+
+@pytest.mark.parametrize("taps", [DIRECT_MAX_TAPS + 1, 255, 256, 1000, 1024, 5000])
+def test_overlap_save_frames_and_groups_equal_numpy(taps):
+    # Lengths around whole frames and whole FFT groups (the frame is 4 kernels long, at least
+    # 1024 points; groups hold 65,536 samples), real and complex, float64 and float32.
+    rng = np.random.default_rng(taps)
+    for n in [m for m in (taps + 1, 1023, 1024, 4096 - taps + 1, 65536 + 7, 200_003) if m > 0]:
+        for cplx in (True, False):
+            x = series(rng, n) if cplx else rng.standard_normal(n)
+            k = series(rng, taps) if cplx else rng.standard_normal(taps)
+            for dtype_x, tol in ((x, 1e-12), (x.astype(np.complex64 if cplx else np.float32), 1e-5)):
+                kk = k.astype(dtype_x.dtype)
+                want = np.convolve(dtype_x.astype(np.complex128 if cplx else np.float64), kk, "full")
+                got = ferry.convolve(dtype_x, kk, "full")
+                assert got.dtype == np.convolve(dtype_x, kk).dtype
+                assert rel_err(got, want) < tol, (n, taps, cplx, dtype_x.dtype)

