@@ -289,8 +289,10 @@ def child_inprocess(a: dict) -> None:
 
 
 def child_sweep(a: dict) -> None:
-    """numpy.convolve vs scipy.signal.oaconvolve (mode 'full', complex128) over kernel lengths."""
+    """numpy.convolve vs ferry's FFT path (and scipy.signal.oaconvolve), mode 'full', complex128,
+    over kernel lengths: where DIRECT_MAX_TAPS should switch from the first to the second."""
     import scipy.signal
+    from ferry.stages.convolve import _overlap_save_full
     out = []
     for n in a["lengths"]:
         x = make_series(n)
@@ -298,6 +300,7 @@ def child_sweep(a: dict) -> None:
             k = make_kernel(taps)
             row = {"n": n, "taps": taps}
             for name, fn in (("numpy", lambda: np.convolve(x, k, mode="full")),
+                             ("fft", lambda: _overlap_save_full(x, k, {})),
                              ("oaconvolve", lambda: scipy.signal.oaconvolve(x, k, mode="full"))):
                 best, runs, t_all = math.inf, 0, time.perf_counter()
                 most = a.get("repeats", 5)
@@ -510,7 +513,7 @@ class Bench:
                 write_outputs(result)   # keep partial results if a later case fails
             shutil.rmtree(n_dir, ignore_errors=True)
         if not a.skip_sweep:
-            self.say("kernel-length sweep: numpy.convolve vs scipy.signal.oaconvolve")
+            self.say("kernel-length sweep: numpy.convolve vs the FFT path (ferry overlap-save, scipy oaconvolve)")
             result["sweep"] = self.sweep()
         result["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         result["machine"]["load_at_end"] = list(os.getloadavg())
@@ -651,31 +654,38 @@ def sweep_summary(sweep: dict | None) -> list[str]:
         by_n.setdefault(r["n"], []).append(r)
     for n, rows in by_n.items():
         lines += [f"N = {n:,} (complex128, mode 'full', best of up to {sweep.get('repeats', 5)} runs):", "",
-                  "| taps | numpy.convolve s | M samples/s | oaconvolve s | M samples/s | faster |",
-                  "|---:|---:|---:|---:|---:|---|"]
+                  "| taps | numpy.convolve s | M samples/s | ferry FFT s | M samples/s | oaconvolve s | faster |",
+                  "|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
-            faster = "numpy" if r["numpy_s"] <= r["oaconvolve_s"] else "oaconvolve"
+            fft = _fft_s(r)
+            faster = "numpy" if r["numpy_s"] <= fft else "FFT"
+            oa = f"{r['oaconvolve_s']:.4f}" if "fft_s" in r else "(same)"
             lines.append(f"| {r['taps']} | {r['numpy_s']:.4f} | {n / r['numpy_s'] / 1e6:.1f} | "
-                         f"{r['oaconvolve_s']:.4f} | {n / r['oaconvolve_s'] / 1e6:.1f} | {faster} |")
+                         f"{fft:.4f} | {n / fft / 1e6:.1f} | {oa} | {faster} |")
         lines += ["", crossover_text(rows), ""]
     return lines
 
 
+def _fft_s(row: dict) -> float:
+    # Runs before ferry had its own overlap-save timed scipy.signal.oaconvolve as the FFT path.
+    return row.get("fft_s", row["oaconvolve_s"])
+
+
 def crossover_text(rows: list[dict]) -> str:
     rows = sorted(rows, key=lambda r: r["taps"])
-    # The smallest taps from which oaconvolve stays faster for every larger kernel measured.
+    # The smallest taps from which the FFT path stays faster for every larger kernel measured.
     idx = len(rows)
     for i in range(len(rows) - 1, -1, -1):
-        if rows[i]["oaconvolve_s"] < rows[i]["numpy_s"]:
+        if _fft_s(rows[i]) < rows[i]["numpy_s"]:
             idx = i
         else:
             break
     if idx == len(rows):
         return "numpy.convolve was faster at every kernel length measured."
     if idx == 0:
-        return "oaconvolve was faster at every kernel length measured."
+        return "The FFT path was faster at every kernel length measured."
     lo, hi = rows[idx - 1]["taps"], rows[idx]["taps"]
-    return (f"Crossover: numpy.convolve is faster up to {lo} taps, oaconvolve from {hi} taps on; "
+    return (f"Crossover: numpy.convolve is faster up to {lo} taps, the FFT path from {hi} taps on; "
             f"DIRECT_MAX_TAPS (largest kernel convolved directly) is supported anywhere in [{lo}, {hi - 1}].")
 
 
