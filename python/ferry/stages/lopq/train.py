@@ -363,6 +363,9 @@ class KMeansPartial:
     far_rows: np.ndarray
 
 
+_DIST_BLOCK_ELEMENTS = 1 << 17
+
+
 def kmeans_chunk(X: np.ndarray, centroids) -> KMeansPartial:
     return kmeans_chunk_labels(X, centroids)[0]
 
@@ -373,8 +376,13 @@ def kmeans_chunk_labels(X: np.ndarray, centroids) -> tuple[KMeansPartial, np.nda
     K, d = cents.C.shape
     X = np.ascontiguousarray(X)  # a column slice: gathers below run several times faster contiguous
     labels = nearest(X, cents)
-    diff = X - cents.C[labels]
-    dists = np.einsum("ij,ij->i", diff, diff)
+    dists = np.empty(X.shape[0])
+    # Row blocks of about a megabyte: the differences stay in cache instead of going to memory
+    # and back twice (2.5x faster at D/2 = 64; the same values).
+    rows = max(1, _DIST_BLOCK_ELEMENTS // max(d, 1))
+    for a in range(0, X.shape[0], rows):
+        diff = X[a:a + rows] - cents.C[labels[a:a + rows]]
+        np.einsum("ij,ij->i", diff, diff, out=dists[a:a + rows])
     counts = np.bincount(labels, minlength=K).astype(np.int64)
     sums = np.zeros((K, d))
     if X.shape[0] and K <= 32:
@@ -589,21 +597,26 @@ def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tu
     parts = []
     # Each subvector's rows contiguous, as the Lloyd step reads them: (M/2, n, d) per half.
     Z = np.empty((mh, n, d))
+    # The reconstructions of a half, transposed: (D/2, n), so that each cluster's cross moments
+    # are one matmul of a contiguous row block against its residuals.
+    Yt = np.empty((half, n))
     for h in (0, 1):
         r = resid[h]
         clusters = np.flatnonzero(counts[h])
         for v in clusters:
             a, b = bounds[h, v], bounds[h, v + 1]
-            for j in range(mh):
-                np.matmul(r[a:b], Rs[h, v, j * d:(j + 1) * d].T, out=Z[j, a:b])
+            # One matmul per cluster for all M/2 subvectors, not one per subvector: fewer, larger
+            # BLAS calls. Each entry is still one dot product over the D/2 coordinates, which
+            # OpenBLAS sums in the same order for either shape (models checked bit for bit).
+            Z[:, a:b] = (r[a:b] @ Rs[h, v].T).reshape(b - a, mh, d).transpose(1, 0, 2)
         for j in range(mh):
             sub = state.subs[h * mh + j]
             part, labels = kmeans_chunk_labels(Z[j], sub)
             parts.append(part)
-            Yj = sub[labels]                    # the codes' reconstructions of subvector j
-            for v in clusters:
-                a, b = bounds[h, v], bounds[h, v + 1]
-                cross[h, v, j * d:(j + 1) * d] = Yj[a:b].T @ r[a:b]
+            Yt[j * d:(j + 1) * d] = sub.T[:, labels]      # the codes' reconstructions of subvector j
+        for v in clusters:
+            a, b = bounds[h, v], bounds[h, v + 1]
+            cross[h, v] = Yt[:, a:b] @ r[a:b]
     return (*parts, CrossMoments(counts, cross))
 
 
