@@ -123,7 +123,11 @@ final class WorkerPool private (val conf: FerryConf) {
     worker.idleSince = System.nanoTime()
     synchronized(idle.append(worker))
     reaper // started with the first idle worker
+    reaperStarted = true
   }
+
+  // Lets stop() shut the reaper down without starting one (touching the lazy val would).
+  @volatile private var reaperStarted = false
 
   /** Stops the workers idle for longer than the timeout; borrowers take the most recent first. */
   private lazy val reaper: Option[java.util.concurrent.ScheduledExecutorService] =
@@ -167,7 +171,7 @@ final class WorkerPool private (val conf: FerryConf) {
   /** Stops every worker of this pool (also done on JVM exit). */
   def stop(): Unit = {
     stopped = true
-    if (conf.workerIdleTimeoutMs > 0) reaper.foreach(_.shutdownNow())
+    if (reaperStarted) reaper.foreach(_.shutdownNow())
     val ws = all.asScala.toSeq
     all.clear()
     synchronized(idle.clear())
