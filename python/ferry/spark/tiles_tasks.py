@@ -17,6 +17,7 @@ import pyarrow as pa
 
 import ferry.stages.tiles as tiles  # registers the tiles stages without importing every other stage
 from ferry import registry
+from ferry.spark.zip_imports import keep_spark_zip_directories
 from ferry.stages.tiles import EMIT_SCHEMA, TileError, TileKey, binary_cells, decode_tile
 
 #: Columns the emit adds to tiles_emit's rows for the reduce.
@@ -38,6 +39,7 @@ def parse_kind(kind: str) -> tuple[np.dtype, int | None]:
 
 def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> Iterator[pa.RecordBatch]:
     """tiles_emit over one partition's source tiles; each tile decoded once, counted in ``reads``."""
+    keep_spark_zip_directories()
     proc = registry.get("tiles_emit").open(params)
     # What the reduce needs of each source (an emitted row may carry a source of an earlier
     # batch: tiles_emit holds integer partials back to send their sums).
@@ -84,6 +86,7 @@ def _with_extras(out: pa.RecordBatch, per_source: dict[TileKey, tuple]) -> pa.Re
 def reduce_target(batches: Iterator[pa.RecordBatch], params: dict) -> Iterator[pa.RecordBatch]:
     """tiles_reduce over the rows of one target; zeros (as the in-process job gives) for a
     target that no existing source reaches."""
+    keep_spark_zip_directories()
     proc = registry.get("tiles_reduce").open(params)
     first: tuple[TileKey, str] | None = None
     orphan = None
