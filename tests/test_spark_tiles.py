@@ -109,6 +109,18 @@ def test_threshold_sum_equals_the_seeds_fixed_result(spark, dims, n_size, strate
         np.testing.assert_array_equal(got[k], v)
 
 
+@pytest.mark.parametrize("combine_mb", [-1, 0])
+def test_integer_partials_summed_in_the_emit_or_not_give_the_in_process_answer(spark, combine_mb):
+    rng = np.random.default_rng(17)
+    images = {"u": rng.integers(0, 65535, size=(22, 25, 3), endpoint=True).astype(np.uint16),
+              "s": rng.integers(-32768, 32767, size=(13, 19), endpoint=True).astype(np.int16)}
+    src = MemorySource.from_images(images, (5, 6), drop=[TileKey("u", 0, 6, 5)])
+    for parts in (1, 3):
+        run_both(spark, src, parts, operator="threshold_sum", op_params={"threshold": 30000}, radius=2,
+                 combineMb=combine_mb)
+    assert TileReconstruct(combineMb=combine_mb).getCombineMb() == combine_mb
+
+
 def test_several_images_ragged_and_missing_tiles(spark):
     rng = np.random.default_rng(31)
     images = {"a": rng.standard_normal((17, 26)), "b": rng.standard_normal((11, 9)),

@@ -918,6 +918,173 @@ def test_emit_reduce_over_many_small_tiles():
     assert rel_err(assemble(batch_tiles(red[0])), want) < 1e-9
 
 
+def emit_reduce(params, batches):
+    emitted = run_stage("tiles_emit", params, batches)
+    table = pa.Table.from_batches(emitted)
+    # A reduce sees a target's rows in any order.
+    table = table.take(np.random.default_rng(1).permutation(table.num_rows))
+    got = {}
+    for b in run_stage("tiles_reduce", params, table.to_batches(max_chunksize=5)):
+        got.update(batch_tiles(b))
+    return table, got
+
+
+def stage_params(op, image, tile, **more):
+    return {"operator": op, "tile_height": tile[0], "tile_width": tile[1], "image_height": image.shape[0],
+            "image_width": image.shape[1], **more}
+
+
+@pytest.mark.parametrize("dtype,low,high,radius", [(np.int16, -127, 127, 1), (np.int16, -30000, 30000, 2),
+                                                   (np.uint16, 0, 65535, 1), (np.int8, -128, 127, 1),
+                                                   (np.int32, -2**31, 2**31 - 1, 1)])
+def test_emit_sums_integer_partials_per_target_exactly(dtype, low, high, radius):
+    rng = np.random.default_rng(21)
+    image = rng.integers(low, high, size=(23, 29, 2), endpoint=True).astype(dtype)
+    src = source_of(image, (6, 7))
+    want = reconstruct(src, "threshold_sum", radius=radius).tiles
+    keys = sorted(src.tiles)
+    batches = [tile_batch({k: src.tiles[k]}) for k in keys]  # one source per batch, as the Scala path sends
+    params = stage_params("threshold_sum", image, (6, 7), radius=radius)
+    table, got = emit_reduce(params, batches)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k], want[k])
+    # Every (source, target) pair still has its row, but only one row per target carries pixels.
+    pairs = sum(len(reconstruct(src, "threshold_sum", radius=radius).plan.fanout[k]) for k in keys)
+    sizes = np.array([len(v) for v in table.column("pixels").to_pylist()])
+    assert table.num_rows == pairs
+    assert (sizes > 0).sum() == len(want)
+    plain, _ = emit_reduce({**params, "combine_mb": 0}, batches)
+    assert plain.num_rows == pairs and all(len(v) > 0 for v in plain.column("pixels").to_pylist())
+
+
+def test_emit_sends_sums_in_the_narrowest_dtype_the_reduce_reads_alike():
+    image = np.random.default_rng(4).integers(-127, 20, size=(12, 12)).astype(np.int16)
+    src = source_of(image, (4, 4))
+    params = stage_params("threshold_sum", image, (4, 4))
+    table, got = emit_reduce(params, [tile_batch(src.tiles)])
+    sent = [decode_tile(v) for v in table.column("pixels").to_pylist() if v]
+    # Up to 9 values in [-127, 20] sum into int16; all of them into int16 too, never int8 here.
+    assert {a.dtype for a in sent} <= {np.dtype(np.int16), np.dtype(np.int8)}
+    big = (image.astype(np.int64) * 200).clip(-32768, 32767).astype(np.int16)
+    table_big, got_big = emit_reduce(params, [tile_batch(source_of(big, (4, 4)).tiles)])
+    assert np.dtype(np.int32) in {decode_tile(v).dtype for v in table_big.column("pixels").to_pylist() if v}
+    for img, out in ((image, got), (big, got_big)):
+        want = reconstruct(source_of(img, (4, 4)), "threshold_sum").tiles
+        assert all(out[k].dtype == np.int64 and np.array_equal(out[k], want[k]) for k in want)
+
+
+def test_emit_leaves_float_partials_alone():
+    rng = np.random.default_rng(5)
+    image = rng.standard_normal((17, 19))
+    kernel = [[1, -2, 3], [4, 5, -6], [7, 8, 9]]
+    params = stage_params("convolve2d", image, (5, 6), operator_params={"kernel": kernel})
+    src = source_of(image, (5, 6))
+    table, got = emit_reduce(params, [tile_batch(src.tiles)])
+    # Float sums depend on their order: each partial travels alone and the reduce adds them as in-process.
+    assert all(len(v) > 0 for v in table.column("pixels").to_pylist())
+    want = reconstruct(src, "convolve2d", kernel=np.array(kernel, float)).tiles
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def combiner_rows(op, src, grid, budget):
+    comb = T._Combiner(op, budget)
+    rows, most = [], 0
+    for s in sorted(src.tiles):
+        for t, p in op.partials(s, src.tiles[s], T.neighbourhood(s, grid, 1), grid).items():
+            pushed = comb.add(t, grid.shape_at(t.x, t.y), s, p)
+            assert pushed is not None
+            rows += pushed
+            most = max(most, comb.bytes)
+    rows += comb.send_all()
+    assert comb.bytes == 0 and not comb.held
+    sums = {}
+    for t, _, s, arr in rows:
+        if arr is not None:
+            sums.setdefault(t, []).append(arr)
+    return rows, sums, most
+
+
+def test_combiner_sums_integer_convolution_partials_exactly():
+    # Integer kernels (in-process; the stages take kernels as floats) give int64 partials that wrap
+    # as scipy's: their sums wrap alike in any order.
+    rng = np.random.default_rng(6)
+    image = rng.integers(-2**62, 2**62, size=(15, 16), dtype=np.int64)
+    op = T.get_operator("convolve2d", kernel=np.array([[3, -1], [2, 7]]))
+    src, grid = source_of(image, (5, 4)), Grid(15, 16, 5, 4)
+    want = reconstruct(src, op).tiles
+    rows, sums, _ = combiner_rows(op, src, grid, 1 << 20)
+    assert len(sums) == len(want) < len(rows)
+    assert all(np.array_equal(combine(sums[t], np.int64), want[t]) for t in want)
+
+
+def test_combiner_holds_at_most_its_budget_and_stays_exact():
+    rng = np.random.default_rng(8)
+    image = rng.integers(-5000, 5000, size=(40, 40)).astype(np.int16)
+    grid = Grid(40, 40, 8, 8)
+    op = T.get_operator("threshold_sum", threshold=1000)
+    src = source_of(image, (8, 8))
+    want = reconstruct(src, op).tiles
+    budget = 3 * 8 * 8 * 4  # three int32 sums of 8x8
+    rows, sums, most = combiner_rows(op, src, grid, budget)
+    assert most <= budget
+    # Evictions split some targets' sums over several rows; adding them gives the target.
+    assert max(len(v) for v in sums.values()) > 1
+    for t, parts in sums.items():
+        np.testing.assert_array_equal(combine(parts, np.int64), want[t])
+
+
+def test_user_linear_operator_with_its_own_integer_dtype_is_not_summed_in_the_emit():
+    T.register_operator("ident_int", lambda r: r.copy(), linear=True, halo=1, replace=True)
+    image = np.random.default_rng(2).integers(-100, 100, size=(9, 9)).astype(np.int16)
+    src = source_of(image, (3, 3))
+    params = stage_params("ident_int", image, (3, 3), radius=1)
+    table, got = emit_reduce(params, [tile_batch(src.tiles)])
+    # Its output dtype is its partials' (int16): a sum sent narrower or wider would change it.
+    assert all(len(v) > 0 for v in table.column("pixels").to_pylist())
+    want = reconstruct(src, "ident_int", radius=1).tiles
+    assert all(got[k].dtype == np.int16 and np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_duplicate_tiles_in_two_emit_streams_still_fail_in_the_reduce():
+    image = np.arange(64, dtype=np.int16).reshape(8, 8)
+    src = source_of(image, (4, 4))
+    params = stage_params("threshold_sum", image, (4, 4))
+    dup = TileKey("img", 0, 4, 4)
+    first = run_stage("tiles_emit", params, [tile_batch(src.tiles)])
+    second = run_stage("tiles_emit", params, [tile_batch({dup: src.tiles[dup]})])
+    with pytest.raises(TileError, match=r"x=4, y=4\): reached target .* twice: the input holds duplicate"):
+        run_stage("tiles_reduce", params, first + second)
+
+
+def test_tiles_stages_do_not_import_pandas():
+    # pyarrow's pa.array imports pandas on first use: ~0.5 s in every fresh Spark Python worker.
+    code = """
+import sys, numpy as np
+from ferry import registry
+import ferry.stages.tiles as T
+image = np.arange(12 * 12, dtype=np.int16).reshape(12, 12)
+src = T.MemorySource.from_images({"a": image}, (4, 4))
+keys = sorted(src.tiles)
+batch = T._tile_batch([(k, src.tiles[k]) for k in keys])
+for op in ("threshold_sum", "median"):
+    p = registry.get("tiles_emit").resolve_params({"operator": op, "tile_height": 4, "tile_width": 4,
+                                                   "image_height": 12, "image_width": 12})
+    emit = registry.get("tiles_emit").open(p)
+    out = [b for b in (emit.process(batch), emit.finish()) if b is not None and b.num_rows]
+    reduce = registry.get("tiles_reduce").open(p)
+    for b in out:
+        reduce.process(b)
+    assert reduce.finish().num_rows == 9
+print("pandas" in sys.modules)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
 def test_tiles_stages_through_a_real_worker(client):
     rng = np.random.default_rng(13)
     image = rng.standard_normal((20, 27))

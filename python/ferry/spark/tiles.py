@@ -47,8 +47,10 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
     target is combined in ``applyInArrow``. Missing tiles count as zeros. What crosses the
     shuffle depends on the strategy: scatter (``auto`` for linear operators) sends one
     target-sized partial per (source, target) pair, (2r+1)^2 per source, mostly zeros for a small
-    kernel; gather sends only the part of each source inside each target's halo region, about
-    the input's size: prefer ``strategy="gather"`` for small kernels on large tiles. Params are checked by
+    kernel, except that integer partials of one task bound for the same target travel as one
+    sum (up to ``combineMb`` of sums held per task); gather sends only the part of each source
+    inside each target's halo region, about the input's size: prefer ``strategy="gather"`` for
+    small kernels on large tiles. Params are checked by
     the ``tiles_emit`` stage contract on the driver, before data moves; so are duplicate and
     off-grid keys (a query on the key columns only). Errors inside tasks (corrupt bytes, a tile
     of the wrong shape or dtype) reach the driver as ``PythonException``; run the action inside
@@ -82,6 +84,10 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                         typeConverter=TypeConverters.toInt)
     imageWidth = Param(Params._dummy(), "imageWidth", "image columns when there is no image_width column; -1 = unset",
                        typeConverter=TypeConverters.toInt)
+    combineMb = Param(Params._dummy(), "combineMb",
+                      "scatter: MB of integer partial sums each emit task may hold to send one row per target "
+                      "instead of one per (source, target); 0 = off, -1 (default) = the stage's default",
+                      typeConverter=TypeConverters.toInt)
     numPartitions = Param(Params._dummy(), "numPartitions",
                           "partitions of the shuffle by target; 0 (default) = spark.sql.shuffle.partitions",
                           typeConverter=TypeConverters.toInt)
@@ -93,12 +99,12 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                       typeConverter=TypeConverters.toString)
 
     _DEFAULTS = dict(operatorParams="{}", strategy="auto", radius=-1, tileHeight=-1, tileWidth=-1, imageHeight=-1,
-                     imageWidth=-1, numPartitions=0, imageIdCol="image_id", zCol="z", xCol="x", yCol="y",
+                     imageWidth=-1, combineMb=-1, numPartitions=0, imageIdCol="image_id", zCol="z", xCol="x", yCol="y",
                      pixelsCol="pixels")
 
     @keyword_only
     def __init__(self, *, operator=None, operatorParams=None, kernel=None, strategy=None, radius=None,
-                 tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, numPartitions=None,
+                 tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, combineMb=None, numPartitions=None,
                  imageIdCol=None, zCol=None, xCol=None, yCol=None, pixelsCol=None):
         super().__init__()
         self._setDefault(**self._DEFAULTS)
@@ -107,7 +113,7 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
 
     @keyword_only
     def setParams(self, *, operator=None, operatorParams=None, kernel=None, strategy=None, radius=None,
-                  tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, numPartitions=None,
+                  tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, combineMb=None, numPartitions=None,
                   imageIdCol=None, zCol=None, xCol=None, yCol=None, pixelsCol=None):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         if isinstance(kwargs.get("operatorParams"), dict):
@@ -124,12 +130,14 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
     def setTileWidth(self, value): return self._set(tileWidth=value)
     def setImageHeight(self, value): return self._set(imageHeight=value)
     def setImageWidth(self, value): return self._set(imageWidth=value)
+    def setCombineMb(self, value): return self._set(combineMb=value)
     def setNumPartitions(self, value): return self._set(numPartitions=value)
     def getOperator(self): return self.getOrDefault(self.operator)
     def getOperatorParams(self): return self.getOrDefault(self.operatorParams)
     def getKernel(self): return self.getOrDefault(self.kernel)
     def getStrategy(self): return self.getOrDefault(self.strategy)
     def getRadius(self): return self.getOrDefault(self.radius)
+    def getCombineMb(self): return self.getOrDefault(self.combineMb)
     def getNumPartitions(self): return self.getOrDefault(self.numPartitions)
 
     def getSourceReads(self) -> int:
@@ -155,6 +163,8 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
         for name, param in (("tile_height", self.tileHeight), ("tile_width", self.tileWidth),
                             ("image_height", self.imageHeight), ("image_width", self.imageWidth)):
             given[name] = self.getOrDefault(param)
+        if self.getCombineMb() >= 0:
+            given["combine_mb"] = self.getCombineMb()
         return registry.get("tiles_emit").resolve_params(given)
 
     def _source(self, dataset: DataFrame) -> DataFrame:

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 import ferry.stages.tiles as tiles  # registers the tiles stages without importing every other stage
 from ferry import registry
+from ferry.spark.zip_imports import keep_spark_zip_directories
 from ferry.stages.tiles import EMIT_SCHEMA, TileError, TileKey, binary_cells, decode_tile
 
 #: Columns the emit adds to tiles_emit's rows for the reduce.
@@ -38,7 +39,11 @@ def parse_kind(kind: str) -> tuple[np.dtype, int | None]:
 
 def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> Iterator[pa.RecordBatch]:
     """tiles_emit over one partition's source tiles; each tile decoded once, counted in ``reads``."""
+    keep_spark_zip_directories()
     proc = registry.get("tiles_emit").open(params)
+    # What the reduce needs of each source (an emitted row may carry a source of an earlier
+    # batch: tiles_emit holds integer partials back to send their sums).
+    extras: dict[TileKey, tuple] = {}
     for batch in batches:
         # One source at a time: its rows (up to (2r+1)^2 target-sized partials) are the largest
         # batch this task holds, whatever spark.sql.execution.arrow.maxRecordsPerBatch says.
@@ -46,10 +51,15 @@ def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> It
             one = batch.slice(i, 1)
             out = proc.process(one)
             reads.add(1)
-            yield _with_extras(one, out, params)
+            extras.update(_source_extras(one, params))
+            if out.num_rows:
+                yield _with_extras(out, extras)
+    tail = proc.finish()
+    if tail is not None and tail.num_rows:
+        yield _with_extras(tail, extras)
 
 
-def _with_extras(src: pa.RecordBatch, out: pa.RecordBatch, params: dict) -> pa.RecordBatch:
+def _source_extras(src: pa.RecordBatch, params: dict) -> dict[TileKey, tuple]:
     cols = {c: src.column(c).to_pylist() for c in ("image_id", "z", "x", "y")}
     size = {c: (src.column(c).to_pylist() if c in src.schema.names else [params[c]] * src.num_rows)
             for c in ("tile_height", "tile_width")}
@@ -61,17 +71,22 @@ def _with_extras(src: pa.RecordBatch, out: pa.RecordBatch, params: dict) -> pa.R
         # tiles_emit has checked the bytes already: this re-reads the header only (no copy).
         per_source[key] = (params["tile_height"] if th is None else th, params["tile_width"] if tw is None else tw,
                            kind_of(decode_tile(pixels[i], key)))
+    return per_source
+
+
+def _with_extras(out: pa.RecordBatch, per_source: dict[TileKey, tuple]) -> pa.RecordBatch:
     ids, zs = out.column("image_id").to_pylist(), out.column("z").to_pylist()
     sx, sy = out.column("source_x").to_pylist(), out.column("source_y").to_pylist()
     extra = [per_source[TileKey(ids[i], zs[i], sx[i], sy[i])] for i in range(out.num_rows)]
-    arrays = list(out.columns) + [pa.array([e[0] for e in extra], pa.int64()), pa.array([e[1] for e in extra], pa.int64()),
-                                  pa.array([e[2] for e in extra], pa.string())]
+    arrays = list(out.columns) + [tiles.int_column(e[0] for e in extra), tiles.int_column(e[1] for e in extra),
+                                  tiles.string_column(e[2] for e in extra)]
     return pa.RecordBatch.from_arrays(arrays, schema=SHUFFLE_SCHEMA)
 
 
 def reduce_target(batches: Iterator[pa.RecordBatch], params: dict) -> Iterator[pa.RecordBatch]:
     """tiles_reduce over the rows of one target; zeros (as the in-process job gives) for a
     target that no existing source reaches."""
+    keep_spark_zip_directories()
     proc = registry.get("tiles_reduce").open(params)
     first: tuple[TileKey, str] | None = None
     orphan = None
@@ -93,7 +108,7 @@ def reduce_target(batches: Iterator[pa.RecordBatch], params: dict) -> Iterator[p
         if real and len(real) == batch.num_rows:
             proc.process(batch)  # take() would copy every partial
         elif real:
-            proc.process(batch.take(pa.array(real, pa.int64())))
+            proc.process(batch.take(tiles.int_column(real)))
     if first is None and orphan is not None:
         yield _zeros(orphan, params)
         return

@@ -39,7 +39,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import scipy.ndimage
 
 from ferry.errors import InputError, InvalidParamsError
 from ferry.registry import Param, require_columns, stage
@@ -264,26 +263,36 @@ def _npy_header(tile: np.ndarray) -> tuple[bytes, bool]:
     return got
 
 
-def encode_tiles(tiles: Iterable[np.ndarray]) -> pa.Array:
-    """The .npy bytes of each tile (as :func:`encode_tile`'s) as one Arrow binary array.
+def encode_tiles(tiles: Iterable[np.ndarray | None]) -> pa.Array:
+    """The .npy bytes of each tile (as :func:`encode_tile`'s) as one Arrow binary array; None
+    gives an empty value.
 
     Each tile's pixels are copied once, straight into the array's buffer (np.save into a
     BytesIO, then building a binary array from the bytes, copies them three times).
     """
-    tiles = [np.asarray(t) for t in tiles]
+    tiles = [None if t is None else np.asarray(t) for t in tiles]
+
+    def slow():
+        return pa.array([b"" if t is None else encode_tile(t) for t in tiles], pa.binary())
+
     heads = []
     for t in tiles:
+        if t is None:
+            heads.append((b"", False))
+            continue
         if t.dtype.hasobject or t.dtype.fields is not None or t.dtype.itemsize == 0:
-            return pa.array([encode_tile(t) for t in tiles], pa.binary())
+            return slow()
         heads.append(_npy_header(t))
-    sizes = [len(h) + t.nbytes for (h, _), t in zip(heads, tiles)]
+    sizes = [len(h) + (0 if t is None else t.nbytes) for (h, _), t in zip(heads, tiles)]
     total = sum(sizes)
     if total > _MAX_BINARY_COLUMN:
-        return pa.array([encode_tile(t) for t in tiles], pa.binary())
+        return slow()
     offsets = np.zeros(len(tiles) + 1, np.int32)
     np.cumsum(sizes, out=offsets[1:])
     data = np.empty(total, np.uint8)
     for (head, fortran), t, start in zip(heads, tiles, offsets[:-1].tolist()):
+        if t is None:
+            continue
         data[start:start + len(head)] = np.frombuffer(head, np.uint8)
         body = data[start + len(head):start + len(head) + t.nbytes].view(t.dtype)
         if fortran:
@@ -769,6 +778,7 @@ def _ndimage_convolve(a: np.ndarray, k: np.ndarray, mode: str) -> np.ndarray:
     ndimage centres the kernel at (kh // 2, kw // 2) and reads zeros beyond the edges; its
     output at (i, j) is the full convolution's at (i + kh // 2, j + kw // 2).
     """
+    import scipy.ndimage  # here, not at the top: see Convolve2D._conv
     kh, kw = k.shape
     if mode == "full":
         a = np.pad(a, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
@@ -797,6 +807,7 @@ class Median(Operator):
         return Halo(sy // 2, sy - 1 - sy // 2, sx // 2, sx - 1 - sx // 2)
 
     def region(self, region, shape, grid, radius):
+        import scipy.ndimage  # here, not at the top: see Convolve2D._conv
         size = self.size + ((1,) if region.ndim == 3 else ())
         return scipy.ndimage.median_filter(region, size=size, mode="constant", cval=0)
 
@@ -1188,6 +1199,9 @@ _PARAMS = [
           default=-1, check=_positive_or_unset),
     Param("image_width", "int", "Image columns, unless an image_width column gives it per row; -1 = unset.",
           default=-1, check=_positive_or_unset),
+    Param("combine_mb", "int", "scatter: MB of sums tiles_emit may hold to send one row per target per stream "
+          "for integer partials, instead of one per (source, target); 0 = one per pair.", default=512,
+          check=lambda v: None if v >= 0 else "must be >= 0"),
 ]
 
 _GEOMETRY_COLUMNS = ("image_height", "image_width", "tile_height", "tile_width")
@@ -1293,22 +1307,132 @@ def _tiles_schema(schema: pa.Schema, params: dict) -> pa.Schema:
     return TILE_SCHEMA
 
 
+# pa.array imports pandas on its first call (~0.5 s), paid by every fresh Spark Python worker
+# that runs a tiles stage; these two build the key columns from buffers instead.
+_NUMPY_INT = {pa.int32(): np.int32, pa.int64(): np.int64}
+
+
+def int_column(values: Iterable[int], type_: pa.DataType = pa.int64()) -> pa.Array:
+    """Python ints as an Arrow int32 or int64 array, without nulls."""
+    arr = np.asarray(list(values), dtype=_NUMPY_INT[type_])
+    return pa.Array.from_buffers(type_, len(arr), [None, pa.py_buffer(arr)])
+
+
+def string_column(values: Iterable[str]) -> pa.Array:
+    """Python strings as an Arrow string array, without nulls."""
+    encoded = [v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets),
+                                                              pa.py_buffer(b"".join(encoded))])
+
+
 def _tile_batch(tiles: Iterable[tuple[TileKey, np.ndarray]]) -> pa.RecordBatch:
     keys, pixels = [], []
     for k, t in tiles:
         keys.append(k)
         pixels.append(t)
     return pa.RecordBatch.from_arrays(
-        [pa.array([k.image_id for k in keys], pa.string()), pa.array([k.z for k in keys], pa.int32()),
-         pa.array([k.x for k in keys], pa.int64()), pa.array([k.y for k in keys], pa.int64()),
-         encode_tiles(pixels)], schema=TILE_SCHEMA)
+        [string_column(k.image_id for k in keys), int_column((k.z for k in keys), pa.int32()),
+         int_column(k.x for k in keys), int_column(k.y for k in keys), encode_tiles(pixels)], schema=TILE_SCHEMA)
+
+
+class _Combiner:
+    """Sums, within one tiles_emit stream, the integer partials bound for the same target.
+
+    A source's partial goes to each of its (2r+1)^2 targets; shipping each one moves that many
+    copies of the image through the shuffle. The sums of the partials a stream has for a target
+    travel instead as one row, labelled with one of its sources; each other source it holds gets a
+    row with empty pixels, so tiles_reduce still sees every (source, target) pair once (and
+    catches duplicate tiles). Only integer partials are combined: integer sums do not depend on
+    their order, so the reduce's result is bit for bit the same; float sums would. A sum is sent
+    in the narrowest integer dtype that holds its values and that the reduce treats as the
+    partials' own (same sum dtype, same output dtype).
+
+    Sums are held up to ``budget`` bytes; past it, the least recently updated one is sent first.
+    """
+
+    #: Partials of at most 16 bits add up in int32 without overflow for this many sources.
+    _INT32_TERMS = 32767
+
+    def __init__(self, op: Operator, budget: int):
+        self.op, self.budget = op, budget
+        self.held: dict[TileKey, list] = {}  # target -> [sum, partial dtype, (h, w), sources]; oldest first
+        self.bytes = 0
+        self._plans: dict[np.dtype, tuple | None] = {}
+
+    def _plan(self, dtype: np.dtype):
+        """(accumulator dtype, candidate dtypes to send, narrowest first), or None: not combinable."""
+        if dtype not in self._plans:
+            plan = None
+            if dtype.kind in "biu":
+                total = _sum_dtype(dtype)
+                signed = [np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64)]
+                unsigned = [np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64)]
+                ok = [d for d in (unsigned if total.kind == "u" else signed)
+                      if _sum_dtype(d) == total and self.op.out_dtype(d) == self.op.out_dtype(dtype)]
+                if total in ok:
+                    acc = np.dtype(np.int32) if dtype.itemsize <= 2 else total
+                    plan = (acc, ok)
+            self._plans[dtype] = plan
+        return self._plans[dtype]
+
+    def add(self, target: TileKey, shape: tuple[int, int], source: TileKey, partial: np.ndarray) -> list | None:
+        """Takes the partial (and returns the rows it pushed out), or returns None: send it as is."""
+        plan = self._plan(partial.dtype)
+        if plan is None:
+            return None
+        out = []
+        entry = self.held.get(target)
+        if entry is not None and (entry[1] != partial.dtype or len(entry[3]) >= self._INT32_TERMS):
+            out += self._send(target)
+            entry = None
+        if entry is None:
+            need = partial.size * plan[0].itemsize
+            if need > self.budget:
+                return None
+            while self.held and self.bytes + need > self.budget:
+                out += self._send(next(iter(self.held)))
+            self.held[target] = [np.array(partial, dtype=plan[0]), partial.dtype, shape, [source]]
+            self.bytes += need
+            return out
+        entry[0] += partial
+        entry[3].append(source)
+        self.held[target] = self.held.pop(target)  # most recently updated last
+        return out
+
+    def _send(self, target: TileKey) -> list:
+        acc, dtype, shape, sources = self.held.pop(target)
+        self.bytes -= acc.nbytes
+        lo, hi = (int(acc.min()), int(acc.max())) if acc.size else (0, 0)
+        narrow = next(d for d in self._plans[dtype][1] if np.iinfo(d).min <= lo and hi <= np.iinfo(d).max)
+        rows = [(target, shape, sources[0], acc.astype(narrow, copy=False))]
+        return rows + [(target, shape, s, None) for s in sources[1:]]
+
+    def send_all(self) -> list:
+        out = []
+        while self.held:
+            out += self._send(next(iter(self.held)))
+        return out
+
+
+def _emit_batch(rows: list) -> pa.RecordBatch:
+    """tiles_emit's rows (target, (h, w), source, pixels or None) as a batch."""
+    return pa.RecordBatch.from_arrays(
+        [string_column(t.image_id for t, _, _, _ in rows), int_column((t.z for t, _, _, _ in rows), pa.int32()),
+         int_column(t.x for t, _, _, _ in rows), int_column(t.y for t, _, _, _ in rows),
+         int_column(hw[0] for _, hw, _, _ in rows), int_column(hw[1] for _, hw, _, _ in rows),
+         int_column(s.x for _, _, s, _ in rows), int_column(s.y for _, _, s, _ in rows),
+         encode_tiles(p for _, _, _, p in rows)], schema=EMIT_SCHEMA)
 
 
 @stage("tiles_emit", kind="map", params=_PARAMS, output_schema=_emit_schema,
        input_doc="image_id string, z int32, x int64, y int64, pixels binary (.npy); optional int64 columns "
                  "image_height, image_width, tile_height, tile_width",
        doc="""Reads each source tile once and emits one row per target it reaches: its partial
-       (scatter) or its piece inside the target's halo region (gather). Group the output by
+       (scatter) or its piece inside the target's halo region (gather). Integer partials of
+       one stream bound for the same target are summed and sent as one row (see combine_mb);
+       the other sources of the sum get rows with empty pixels. Group the output by
        (image_id, z, x, y) and run tiles_reduce with the same params.""")
 class EmitStage:
     def __init__(self, **params):
@@ -1316,9 +1440,11 @@ class EmitStage:
         self.op = _operator_from(params)
         self.how = _strategy(self.op, params["strategy"])
         self.profiles: dict = {}
+        self.combiner = (_Combiner(self.op, params["combine_mb"] << 20)
+                         if self.how == "scatter" and params["combine_mb"] > 0 else None)
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        out: dict[str, list] = {f.name: [] for f in EMIT_SCHEMA}
+        out = []
         for row in _rows(batch, [f.name for f in TILE_SCHEMA] + list(_GEOMETRY_COLUMNS)):
             key = TileKey(row["image_id"], row["z"], row["x"], row["y"])
             grid = _grid_of_row(row, self.params, need_size=True)
@@ -1336,17 +1462,17 @@ class EmitStage:
                     if piece is not None:
                         emitted[t] = piece[1]
             for t, arr in emitted.items():
-                h, w = grid.shape_at(t.x, t.y)
-                for name, v in (("image_id", t.image_id), ("z", t.z), ("x", t.x), ("y", t.y), ("height", h),
-                                ("width", w), ("source_x", key.x), ("source_y", key.y),
-                                ("pixels", arr)):
-                    out[name].append(v)
-        pixels = encode_tiles(out.pop("pixels"))
-        keys = pa.RecordBatch.from_pydict(out, schema=EMIT_SCHEMA.remove(EMIT_SCHEMA.get_field_index("pixels")))
-        return pa.RecordBatch.from_arrays(list(keys.columns) + [pixels], schema=EMIT_SCHEMA)
+                shape = grid.shape_at(t.x, t.y)
+                pushed = None if self.combiner is None else self.combiner.add(t, shape, key, arr)
+                if pushed is None:
+                    out.append((t, shape, key, arr))
+                else:
+                    out += pushed
+        return _emit_batch(out)
 
     def finish(self):
-        return None
+        rows = [] if self.combiner is None else self.combiner.send_all()
+        return _emit_batch(rows) if rows else None
 
 
 @stage("tiles_reduce", kind="group", params=_PARAMS, output_schema=_reduce_schema,
@@ -1373,7 +1499,8 @@ class ReduceStage:
             if s in pieces:
                 raise TileError(s, f"reached target {t} twice: the input holds duplicate tiles at these "
                                    "coordinates; keep one tile per (image_id, z, x, y)")
-            pieces[s] = decode_tile(row["pixels"], s)
+            # Empty pixels: this source's partial is in the sum another row of the same emit carries.
+            pieces[s] = decode_tile(row["pixels"], s) if len(row["pixels"]) or self.how == "gather" else None
         return None
 
     def finish(self):
@@ -1382,8 +1509,11 @@ class ReduceStage:
                 pieces = self.held[t]
                 shape, tile_shape = self.geometry[t]
                 if self.how == "scatter":
-                    first = next(iter(pieces.values()))
-                    yield t, combine((pieces[s] for s in sorted(pieces)), self.op.out_dtype(first.dtype))
+                    parts = [pieces[s] for s in sorted(pieces) if pieces[s] is not None]
+                    if not parts:
+                        raise TileError(t, "got only rows whose partials were summed into another row, and "
+                                           "not that row: the rows of one tiles_emit stream were split up")
+                    yield t, combine(parts, self.op.out_dtype(parts[0].dtype))
                     continue
                 grid = Grid(*tile_shape, *tile_shape)  # only the tile size matters to a region
                 r = _radius(self.op, grid, t.image, None if self.params["radius"] < 0 else self.params["radius"])

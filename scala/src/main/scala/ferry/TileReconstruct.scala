@@ -39,8 +39,16 @@ trait TileReconstructParams extends Params {
   final val imageWidth: IntParam = new IntParam(this, "imageWidth", "image columns; -1 = from the data",
     (v: Int) => v >= -1)
 
+  /**
+   * scatter: MB of integer partial sums each emit task may hold, to send one row per target instead
+   * of one per (source, target); 0 = off, -1 (default) = the stage's default.
+   */
+  final val combineMb: IntParam = new IntParam(this, "combineMb",
+    "scatter: MB of integer partial sums each emit task may hold; 0 = off, -1 (default) = the stage's default",
+    (v: Int) => v >= -1)
+
   setDefault(operatorParams -> "{}", strategy -> "auto", radius -> -1, tileHeight -> -1, tileWidth -> -1,
-    imageHeight -> -1, imageWidth -> -1)
+    imageHeight -> -1, imageWidth -> -1, combineMb -> -1)
 }
 
 /**
@@ -48,7 +56,8 @@ trait TileReconstructParams extends Params {
  * `image_id, z, x, y, pixels` as .npy bytes, plus `image_height, image_width, tile_height,
  * tile_width` columns or the matching params). Each source tile is read once by the `tiles_emit`
  * stage, which sends its partial (linear operators) or its piece of each neighbour's halo region
- * to every target within the radius; the rows are shuffled by target and each target's rows go
+ * to every target within the radius (integer partials of one task bound for the same target
+ * travel as one sum, see `combineMb`); the rows are shuffled by target and each target's rows go
  * through `tiles_reduce` as one group. The output has one row per output tile:
  * `image_id, z, x, y, pixels` (.npy). Missing neighbours count as zeros.
  *
@@ -67,6 +76,7 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   def setRadius(value: Int): this.type = set(radius, value)
   def setTileSize(height: Int, width: Int): this.type = set(tileHeight, height).set(tileWidth, width)
   def setImageSize(height: Int, width: Int): this.type = set(imageHeight, height).set(imageWidth, width)
+  def setCombineMb(value: Int): this.type = set(combineMb, value)
 
   /** The convolution kernel of operator convolve2d (rows of taps). */
   def setKernel(kernel: Array[Array[Double]]): this.type =
@@ -75,7 +85,8 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   private def stageParams(tile: (Int, Int)): String = Json.encode(Map(
     "operator" -> $(operator), "operator_params" -> Json.decodeObject($(operatorParams)),
     "strategy" -> $(strategy), "radius" -> $(radius), "tile_height" -> tile._1, "tile_width" -> tile._2,
-    "image_height" -> $(imageHeight), "image_width" -> $(imageWidth)))
+    "image_height" -> $(imageHeight), "image_width" -> $(imageWidth)) ++
+    (if ($(combineMb) >= 0) Map("combine_mb" -> $(combineMb)) else Map.empty))
 
   private def inputCols(schema: StructType): Seq[String] =
     TileReconstruct.TileColumns ++ TileReconstruct.GeometryColumns.filter(schema.fieldNames.contains)

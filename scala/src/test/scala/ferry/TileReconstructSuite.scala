@@ -84,6 +84,33 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("threshold_sum on int16 tiles, integer partials summed in the emit or not, equals the in-process job bit for bit") {
+    val intStore = new File(dir, "int-store.parquet").getAbsolutePath
+    py(s"""
+      |import numpy as np
+      |from ferry.tiles_store import write_images
+      |rng = np.random.default_rng(7)
+      |write_images(r"$intStore", {"i": rng.integers(-32768, 32767, size=(45, 38, 2)).astype(np.int16)}, (10, 12))
+      |""".stripMargin)
+    val tiles = spark.read.parquet(intStore).repartition(3)
+    Seq(-1, 0).foreach { mb =>
+      val path = new File(dir, s"int-out-$mb.parquet").getAbsolutePath
+      new TileReconstruct().setOperator("threshold_sum").setOperatorParams("""{"threshold": 1000}""").setRadius(2)
+        .setCombineMb(mb).transform(tiles).write.parquet(path)
+      py(s"""
+        |import io, numpy as np, pyarrow.parquet as pq
+        |from ferry.stages.tiles import TileKey, reconstruct
+        |from ferry.tiles_store import TileStore
+        |job = reconstruct(TileStore(r"$intStore"), "threshold_sum", threshold=1000, radius=2)
+        |t = pq.read_table(r"$path").to_pylist()
+        |assert len(t) == len(job.tiles) == 20, (len(t), len(job.tiles))
+        |for r in t:
+        |    got, want = np.load(io.BytesIO(r["pixels"])), job.tiles[TileKey(r["image_id"], r["z"], r["x"], r["y"])]
+        |    assert got.dtype == want.dtype == np.int64 and np.array_equal(got, want), ($mb, r["x"], r["y"])
+        |""".stripMargin)
+    }
+  }
+
   test("TileDemo (the benchmark's Scala job) reports one read per source tile and writes every output tile") {
     val (rec, in, out) = ferry.examples.TileDemo.parse(Seq(store, new File(dir, "demo-out").getAbsolutePath,
       "--operator", "median", "--operator-params", """{"size": 3}""", "--strategy", "gather"))
