@@ -248,3 +248,26 @@ def test_output_is_compressed_and_grouped_by_image(tmp_path, codec):
     assert {k.image_id for k in only} == {"two/with slash"} and len(only) == 4
     table = pq.read_table(out)
     assert set(table.column("codec").to_pylist()) == {codec}
+
+
+def test_write_output_raises_the_error_of_its_tiles_after_the_writer_stops(tmp_path):
+    # The writer pulls the tiles from its own threads; an operator's error must still reach the
+    # caller as itself (and the process must not abort at exit, which a subprocess checks).
+    boom = TileError(TileKey("a", 0, 16, 0), "corrupt bytes")
+
+    def tiles():
+        for i in range(5):
+            yield TileKey("a", 0, 16 * i, 0), np.full((4, 4), i, dtype=np.int16)
+        raise boom
+
+    with pytest.raises(TileError) as e:
+        write_output(str(tmp_path / "out"), tiles(), batch_rows=2)
+    assert e.value is boom
+    code = ("import numpy as np, sys; from ferry.tiles_store import write_output; from ferry.stages.tiles import TileKey\n"
+            "def t():\n    yield TileKey('a', 0, 0, 0), np.zeros((4, 4))\n    raise ValueError('stop')\n"
+            "try:\n    write_output(sys.argv[1], t())\nexcept ValueError as e:\n    sys.exit(f'failed: {e}')\n")
+    import subprocess
+    import sys
+    for _ in range(5):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub")], capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "failed: stop", proc.stderr

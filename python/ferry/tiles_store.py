@@ -394,25 +394,36 @@ def write_output(path: str, tiles: Iterable[tuple[TileKey, np.ndarray]], codec: 
     ``batch_rows`` tiles at a time. Returns the number of tiles written.
     """
     count = 0
+    failure: list[Exception] = []
 
     def batches():
         nonlocal count
         rows = []
-        for key, tile in tiles:
-            tile = np.asarray(tile)
-            rows.append({"image_id": key.image_id, "z": key.z, "x": key.x, "y": key.y,
-                         "height": tile.shape[0], "width": tile.shape[1], "codec": codec,
-                         "data": compress_tile(tile, codec)})
-            count += 1
-            if len(rows) >= batch_rows:
-                yield pa.RecordBatch.from_pylist(rows, schema=OUTPUT_SCHEMA)
-                rows = []
+        try:
+            for key, tile in tiles:
+                tile = np.asarray(tile)
+                rows.append({"image_id": key.image_id, "z": key.z, "x": key.x, "y": key.y,
+                             "height": tile.shape[0], "width": tile.shape[1], "codec": codec,
+                             "data": compress_tile(tile, codec)})
+                count += 1
+                if len(rows) >= batch_rows:
+                    yield pa.RecordBatch.from_pylist(rows, schema=OUTPUT_SCHEMA)
+                    rows = []
+        except Exception as e:
+            # write_dataset pulls this generator from its own threads: an exception raised into
+            # them can leave a C++ thread joinable at interpreter exit ("terminate called without
+            # an active exception", an abort after the error was reported). End the stream instead
+            # and raise the error here once the writer has finished.
+            failure.append(e)
+            return
         if rows:
             yield pa.RecordBatch.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
     ds.write_dataset(batches(), path, schema=OUTPUT_SCHEMA, format="parquet",
                      partitioning=ds.partitioning(pa.schema([("image_id", pa.string())]), flavor="hive"),
                      basename_template="part-{i}.parquet", existing_data_behavior="overwrite_or_ignore")
+    if failure:
+        raise failure[0]
     return count
 
 
