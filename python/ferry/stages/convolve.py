@@ -82,8 +82,9 @@ def _full_convolve(x: np.ndarray, kernel: np.ndarray, spectra: dict | None = Non
 
 
 #: FFT frames are about this many kernel lengths long: long enough that little of each frame is
-#: lost to the kernel's overlap, short enough to stay in cache (measured best for 1024 taps on
-#: 65,536-sample batches: 4096-point frames, 3x faster than scipy.signal.oaconvolve's full mode).
+#: lost to the kernel's overlap, short enough to stay in cache (for 1024 taps on 65,536-sample
+#: batches, 4096-point frames; benchmarks/results/convolve_sweep.md: 1.3 ms a batch against
+#: scipy.signal.oaconvolve's 2.0 ms, whose full mode recomputes the kernel's FFT every call).
 _FRAME_KERNELS = 4
 _MIN_FRAME = 1024
 _GROUP_SAMPLES = 1 << 16
@@ -95,14 +96,14 @@ def _overlap_save_full(x: np.ndarray, kernel: np.ndarray, spectra: dict) -> np.n
     dtype = np.result_type(x, kernel)
     if dtype.kind == "f" and dtype.itemsize < 4:
         dtype = np.dtype(np.float32)
+    real = dtype.kind == "f"
     taps = kernel.size
     n_out = x.size + taps - 1
     frame = max(_MIN_FRAME, 1 << (_FRAME_KERNELS * taps - 1).bit_length())
     if frame >= n_out:
-        frame = scipy.fft.next_fast_len(n_out, real=dtype.kind == "f")
+        frame = scipy.fft.next_fast_len(n_out, real=real)
     step = frame - taps + 1
     frames = -(-n_out // step)
-    real = dtype.kind == "f"
     key = (frame, dtype.str)
     spectrum = spectra.get(key)
     if spectrum is None:
