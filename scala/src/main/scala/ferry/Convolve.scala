@@ -180,25 +180,28 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     val selected = dataset.select(col(s"`${$(idCol)}`").cast(LongType).as("id"),
       col(s"`${$(realCol)}`").cast(DoubleType).as("real"), imagExpr.as("imag"))
 
-    def plan(source: Convolve.Source, maxRuns: Int): Array[PartitionPlan] = FerryException.unwrapping {
-      source.idChunks(nm).mapPartitionsWithIndex((pid, chunks) => Iterator(planPartition(pid, chunks, maxRuns)))
-        .collect()
-    }
-
     val (columns, firstSource) = sourceOf(dataset, selected)
     var source = firstSource
     Convolve.prestartLocal(spark, conf, source.numPartitions)
-    var plans = plan(source, conf.convolveMaxRunsPerPartition)
+    // The footers are read on the driver while the planning job runs (they decide whether the
+    // value columns need a query for nulls; the planning pass no longer reads those columns).
+    val footersClear = columns.filter(_ => !source.planChecksValues).map(df => scala.concurrent.Future(
+      Convolve.footersCountNoNulls(df, df.columns.tail.toSeq))(scala.concurrent.ExecutionContext.global))
+    var (plans, heads) = Convolve.planWithHeads(source, nm, conf.convolveMaxRunsPerPartition, k)
     if (plans.exists(_.abandoned)) {
       val parts = math.max(1, source.numPartitions)
       Convolve.log.info(s"A partition holds more than ${conf.convolveMaxRunsPerPartition} runs of " +
         s"consecutive ids (${FerryConf.ConvolveMaxRuns}); re-laying out the series by id into $parts partitions.")
       source = Convolve.RowSource(selected.repartitionByRange(parts, col("id")).sortWithinPartitions("id")
         .queryExecution.toRdd)
-      plans = plan(source, Int.MaxValue)
+      val replanned = Convolve.planWithHeads(source, nm, Int.MaxValue, k)
+      plans = replanned._1
+      heads = replanned._2
     }
-    if (!source.planChecksValues) columns.foreach(Convolve.checkNoNullValues(_, nm))
-    val heads = Convolve.readHeads(source, plans, k, nm)
+    if (!source.planChecksValues) {
+      val clear = footersClear.exists(f => scala.concurrent.Await.result(f, scala.concurrent.duration.Duration.Inf))
+      if (!clear) columns.foreach(Convolve.queryForNullValues(_, nm))
+    }
     val m = $(mode)
     val l = taps
     val computePlan = ConvolvePlan.computePlan(plans.toSeq, heads, n => haloSizes(n, l, m)._1, k, nm)
@@ -273,7 +276,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     def chunks(names: Names, forPlanning: Boolean = false): RDD[SampleChunk]
     /** The ids in chunks (their values not read), for the planning pass. */
     def idChunks(names: Names): RDD[SampleChunk]
-    /** Whether the planning pass also finds null values (else [[checkNoNullValues]] must). */
+    /** Whether the planning pass also finds null values (else the footers or [[queryForNullValues]] must). */
     def planChecksValues: Boolean
   }
 
@@ -303,16 +306,14 @@ object Convolve extends DefaultParamsReadable[Convolve] {
   }
 
   /**
-   * Fails naming the first null of the value columns, if any. A Parquet series whose footers
-   * count no nulls in them (Spark writes the counts) is cleared without a job; otherwise a query
-   * looks for one (on Parquet, answered mostly from the row groups' statistics as well).
+   * Fails naming the first null of the value columns, if any, found by a query (on Parquet
+   * answered mostly from the row groups' statistics). A Parquet series whose footers count no
+   * nulls in them (Spark writes the counts) needs no query: see [[footersCountNoNulls]].
    */
-  private[ferry] def checkNoNullValues(columns: DataFrame, names: Names): Unit = FerryException.unwrapping {
+  private[ferry] def queryForNullValues(columns: DataFrame, names: Names): Unit = FerryException.unwrapping {
     val Array(id, re, im) = columns.columns.map(c => col(s"`$c`"))
-    if (!footersCountNoNulls(columns, columns.columns.tail.toSeq)) {
-      columns.where(re.isNull || im.isNull).select(id, re.isNull).limit(1).collect().headOption.foreach { row =>
-        throw SampleChunks.nullValue(if (row.getBoolean(1)) names.real else names.imag, row.getLong(0))
-      }
+    columns.where(re.isNull || im.isNull).select(id, re.isNull).limit(1).collect().headOption.foreach { row =>
+      throw SampleChunks.nullValue(if (row.getBoolean(1)) names.real else names.imag, row.getLong(0))
     }
   }
 
@@ -348,20 +349,25 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       false
   }
 
-  /** The heads of the runs (see [[ConvolvePlan]]), read by a job over the partitions that hold any. */
-  private[ferry] def readHeads(source: Source, plans: Array[PartitionPlan], k: Int,
-      names: Names): Map[(Int, Int), Head] = FerryException.unwrapping {
-    val wanted = plans.map(p => p.partition -> (p.runs, wantedHeads(p, k))).filter(_._2._2.nonEmpty).toMap
-    if (wanted.isEmpty) Map.empty
-    else {
-      val rdd = source.chunks(names, forPlanning = true)
-      val pids = wanted.keys.toSeq.sorted
-      val read = rdd.sparkContext.runJob(rdd, (ctx: TaskContext, chunks: Iterator[SampleChunk]) => {
-        val (runs, w) = wanted(ctx.partitionId())
-        ConvolvePlan.readHeads(ctx.partitionId(), chunks, runs, w, changed)
-      }, pids)
-      pids.zip(read).flatMap { case (pid, hs) => hs.map { case (ri, h) => (pid, ri) -> h } }.toMap
-    }
+  /**
+   * The planning job: each task plans its partition from the ids, then reads the heads of its
+   * runs (see [[ConvolvePlan]]) from a second scan of the same partition that stops after the
+   * last head (for a partition holding one run, after its first batch). One job instead of a
+   * planning job and a heads job; a partition whose plan is abandoned reads no heads.
+   */
+  private[ferry] def planWithHeads(source: Source, names: Names, maxRuns: Int,
+      k: Int): (Array[PartitionPlan], Map[(Int, Int), Head]) = FerryException.unwrapping {
+    val planned = source.idChunks(names).zipPartitions(source.chunks(names, forPlanning = true)) { (ids, samples) =>
+      val pid = TaskContext.getPartitionId()
+      val plan = planPartition(pid, ids, maxRuns)
+      val wanted = if (plan.abandoned) Array.empty[(Int, Long, Int)] else wantedHeads(plan, k)
+      // The second scan is opened only here, when the partition has heads to give.
+      val heads = if (wanted.isEmpty) Array.empty[(Int, Head)]
+        else ConvolvePlan.readHeads(pid, samples, plan.runs, wanted, changed)
+      Iterator((plan, heads))
+    }.collect()
+    (planned.map(_._1), planned.iterator.flatMap { case (p, hs) =>
+      hs.iterator.map { case (ri, h) => (p.partition, ri) -> h } }.toMap)
   }
 
   /** Streams one partition's runs with their halos through a pooled worker. */

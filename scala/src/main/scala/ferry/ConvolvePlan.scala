@@ -8,9 +8,10 @@ import scala.collection.mutable.ArrayBuffer
  *
  * A *run* is a maximal sequence of rows of one partition whose ids increase by exactly one in
  * arrival order. The planning pass reads the ids alone and records, per run, its first id, its
- * length and the row where it starts; the driver checks that the runs tile 0..N-1 exactly. A
- * second, short job reads the first `K = kernel length - 1` samples of every run but the first
- * (the *heads*), stopping once it has them: for a partition holding one run, one column batch.
+ * length and the row where it starts; the driver checks that the runs tile 0..N-1 exactly. The
+ * same task then reads the first `K = kernel length - 1` samples of every run but the first
+ * (the *heads*) from a second scan of its partition, stopping once it has them: for a partition
+ * holding one run, one column batch.
  *
  * Why only heads: input id a "owns" output a (python/ferry/stages/convolve.py), so a run
  * [a, b) owning its own outputs would need K - s samples before it (the tail of the run before,
