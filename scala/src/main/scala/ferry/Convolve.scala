@@ -75,7 +75,7 @@ trait ConvolveParams extends Params {
  * `full` gives N+L-1 rows, `same` max(N, L) and `valid` max(N, L) - min(N, L) + 1.
  *
  * How: a JVM-only pass finds each partition's runs of consecutive ids (re-laying out the data
- * by id if it is scattered, e.g. after `repartition(n)`) and a short job reads each run's first
+ * by id if it is scattered, e.g. after `repartition(n)`) and, in the same tasks, each run's first
  * samples; the driver checks the ids tile 0..N-1 and gives each run the samples after it that
  * it needs (its halo, see [[ConvolvePlan]]);
  * then each partition streams its runs with their halos through a pooled Python worker
@@ -508,7 +508,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
         }
         j += 1
       }
-      // The head the heads job read (and sent to the run before) must read the same now.
+      // The head the planning job read (and sent to the run before) must read the same now.
       var s = i
       val until = math.min(p.head.re.length.toLong, i + m)
       while (s < until) {

@@ -32,13 +32,13 @@ private[ferry] object ConvolvePlan {
   /** One partition's runs in arrival order; `abandoned` when it had more than the allowed number. */
   final case class PartitionPlan(partition: Int, runs: Array[RunInfo], abandoned: Boolean, rows: Long)
 
-  /** The first samples of a run, as the heads job read them. */
+  /** The first samples of a run, as the planning job read them. */
   final case class Head(re: Array[Double], im: Array[Double])
 
   /**
    * What the compute pass sends for one run: its own samples, then `extRe`/`extIm`, the samples
    * of ids [run.end, run.end + ext length) from the runs after it. Rows with ids in
-   * [ownFrom, ownUntil) are owned, the others halo. `head` is the run's own head as the heads job
+   * [ownFrom, ownUntil) are owned, the others halo. `head` is the run's own head as the planning job
    * read it (empty for the first run), checked again when the run is sent.
    */
   final case class RunPlan(run: RunInfo, ownFrom: Long, ownUntil: Long, head: Head, extRe: Array[Double],
