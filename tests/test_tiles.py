@@ -975,6 +975,51 @@ def test_emit_sends_sums_in_the_narrowest_dtype_the_reduce_reads_alike():
         assert all(out[k].dtype == np.int64 and np.array_equal(out[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("strategy", ["scatter", "gather"])
+def test_output_dtype_casts_exactly_in_process_and_through_the_stages(strategy):
+    image = np.random.default_rng(8).integers(-3000, 3000, size=(23, 29, 2)).astype(np.int16)
+    src = source_of(image, (6, 7), drop=[TileKey("img", 0, 7, 6)])
+    want = reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000).tiles
+    assert {a.dtype for a in want.values()} == {np.dtype(np.int64)}
+    params = stage_params("threshold_sum", image, (6, 7), strategy=strategy, operator_params={"threshold": 1000})
+    for dtype in ("int32", "int16"):
+        core = reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000, output_dtype=dtype).tiles
+        _, staged = emit_reduce({**params, "output_dtype": dtype}, [tile_batch(src.tiles)])
+        grouped = batch_tiles(next(iter(run_stage("tiles", {**params, "output_dtype": dtype},
+                                                  [tile_batch(src.tiles)]))))
+        for got in (core, staged, grouped):
+            assert set(got) == set(want)
+            for k in want:
+                assert got[k].dtype == np.dtype(dtype), (k, got[k].dtype)
+                np.testing.assert_array_equal(got[k], want[k])
+    # Sums of up to 9 values in -3000..1000 do not fit int8: the error names a tile and the range.
+    with pytest.raises(TileError, match=r"tile \(image 'img'.*outside output_dtype int8 \(-128\.\.127\)"):
+        reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000, output_dtype="int8")
+    with pytest.raises(TileError, match="outside output_dtype int8"):
+        emit_reduce({**params, "output_dtype": "int8"}, [tile_batch(src.tiles)])
+
+
+def test_output_dtype_for_float_results_and_bad_values():
+    image = np.random.default_rng(9).standard_normal((12, 14))
+    src = source_of(image, (5, 5))
+    k = np.array([[1.0, 2.0], [0.5, -1.0]])
+    want = reconstruct(src, "convolve2d", kernel=k).tiles
+    got = reconstruct(src, "convolve2d", kernel=k, output_dtype="float32").tiles
+    for key in want:
+        assert got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], want[key].astype(np.float32))
+    with pytest.raises(TileError, match="float output .* output_dtype is int32"):
+        reconstruct(src, "convolve2d", kernel=k, output_dtype="int32")
+    with pytest.raises(InvalidParamsError, match="output_dtype must be one of"):
+        reconstruct(src, "convolve2d", kernel=k, output_dtype="int12")
+    with pytest.raises(InvalidParamsError, match="'output_dtype' must be one of"):
+        registry.get("tiles_emit").resolve_params({"operator": "median", "output_dtype": "complex128"})
+    assert registry.get("tiles_reduce").resolve_params({"operator": "median"})["output_dtype"] == "operator"
+    ints = source_of(np.arange(30, dtype=np.int16).reshape(5, 6), (3, 3))
+    with pytest.raises(TileError, match="integer output .* output_dtype is float32"):
+        reconstruct(ints, "threshold_sum", output_dtype="float32")
+
+
 def test_emit_leaves_float_partials_alone():
     rng = np.random.default_rng(5)
     image = rng.standard_normal((17, 19))
