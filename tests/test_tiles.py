@@ -16,6 +16,7 @@ from ferry import registry
 from ferry.errors import InputError, InvalidParamsError, SchemaError
 from ferry.stages import tiles as T
 from ferry.stages.tiles import (Grid, Halo, MemorySource, SyntheticSource, TileError, TileKey, assemble, combine,
+                                cast_output,
                                 compress_tile, decode_tile, decompress_tile, encode_tile, plan_reads, reconstruct,
                                 stitch)
 
@@ -997,6 +998,35 @@ def test_output_dtype_casts_exactly_in_process_and_through_the_stages(strategy):
         reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000, output_dtype="int8")
     with pytest.raises(TileError, match="outside output_dtype int8"):
         emit_reduce({**params, "output_dtype": "int8"}, [tile_batch(src.tiles)])
+
+
+def test_partials_added_in_the_output_dtype_only_when_no_sum_can_leave_it():
+    rng = np.random.default_rng(12)
+    key = TileKey("i", 0, 0, 0)
+    cases = [([np.int16] * 9, "int32", True), ([np.uint16] * 4, "uint32", True), ([np.int8] * 3, "int16", True),
+             ([np.int16, np.int32], "int32", False), ([np.int16] * 2, "int16", False),
+             ([np.uint8], "uint16", True), ([np.int8], "uint16", False)]
+    for dtypes, want, fits in cases:
+        parts = [rng.integers(np.iinfo(d).min, np.iinfo(d).max, size=(7, 5), endpoint=True).astype(d)
+                 for d in dtypes]
+        parts[0][0, 0] = np.iinfo(dtypes[0]).max  # the bound itself is reached
+        assert T._sum_fits([p.dtype for p in parts], np.dtype(want)) == fits, (dtypes, want)
+        # Added in the output dtype exactly when it fits, else in the sum dtype and cast (checked) after.
+        assert T.combine_as(parts, T._sum_dtype(parts[0].dtype), want).dtype == (np.dtype(want) if fits else
+                                                                                  T._sum_dtype(parts[0].dtype))
+        total = T._sum_dtype(parts[0].dtype)  # the operator's dtype for threshold_sum
+        slow = combine(parts, total)
+        if not (np.iinfo(want).min <= slow.min() and slow.max() <= np.iinfo(want).max):
+            with pytest.raises(TileError, match=f"outside output_dtype {want}"):
+                cast_output(key, T.combine_as(parts, total, want), want)
+            continue
+        got = cast_output(key, T.combine_as(parts, total, want), want)
+        assert got.dtype == np.dtype(want)
+        np.testing.assert_array_equal(got, slow)
+    # A float output (or the operator's dtype) never takes the integer path.
+    f = [rng.standard_normal((3, 3))]
+    assert T.combine_as(f, np.float64, "float32").dtype == np.float64
+    assert T.combine_as([np.ones((2, 2), np.int16)] * 2, np.int64, "operator").dtype == np.int64
 
 
 def test_output_dtype_for_float_results_and_bad_values():

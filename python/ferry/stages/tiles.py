@@ -542,6 +542,31 @@ def combine(parts: Iterable[np.ndarray], dtype=None) -> np.ndarray:
     return acc if dtype is None else acc.astype(dtype, copy=False)
 
 
+def _sum_fits(dtypes: Iterable[np.dtype], want: np.dtype) -> bool:
+    """Whether every sum of one value of each dtype fits ``want``: then adding in ``want`` is exact."""
+    dtypes = [np.dtype(d) for d in dtypes]
+    if want.kind not in "iu" or any(d.kind not in "iu" for d in dtypes):
+        return False
+    info = np.iinfo(want)
+    return (info.min <= sum(int(np.iinfo(d).min) for d in dtypes)
+            and sum(int(np.iinfo(d).max) for d in dtypes) <= info.max)
+
+
+def combine_as(parts: list[np.ndarray], dtype: np.dtype, output_dtype: str = "operator") -> np.ndarray:
+    """combine(parts, dtype), or, when no sum of the parts' dtypes can leave the integer
+    ``output_dtype`` (e.g. int32 for int16 partials), the same sums added in ``output_dtype``
+    directly: what cast_output would make of combine's int64 tile, without the int64 tile and
+    without a range check."""
+    want = None if output_dtype == "operator" else np.dtype(output_dtype)
+    if (want is not None and parts and np.dtype(dtype) == _sum_dtype(parts[0].dtype)
+            and _sum_fits([p.dtype for p in parts], want)):
+        acc = np.array(parts[0], dtype=want, copy=True)
+        for p in parts[1:]:
+            acc += p
+        return acc
+    return combine(parts, dtype)
+
+
 def region_origin(target: TileKey, halo: Halo) -> tuple[int, int]:
     """The (y, x) in the image of a target's halo region's first pixel."""
     return target.y - halo.top, target.x - halo.left
@@ -1554,8 +1579,9 @@ class ReduceStage:
                     if not parts:
                         raise TileError(t, "got only rows whose partials were summed into another row, and "
                                            "not that row: the rows of one tiles_emit stream were split up")
-                    yield t, cast_output(t, combine(parts, self.op.out_dtype(parts[0].dtype)),
-                                         self.params["output_dtype"])
+                    out_dtype = self.params["output_dtype"]
+                    yield t, cast_output(t, combine_as(parts, self.op.out_dtype(parts[0].dtype), out_dtype),
+                                         out_dtype)
                     continue
                 grid = Grid(*tile_shape, *tile_shape)  # only the tile size matters to a region
                 r = _radius(self.op, grid, t.image, None if self.params["radius"] < 0 else self.params["radius"])
