@@ -1134,7 +1134,8 @@ def test_duplicate_tiles_in_two_emit_streams_still_fail_in_the_reduce():
 
 
 def test_tiles_stages_do_not_import_pandas():
-    # pyarrow's pa.array imports pandas on first use: ~0.5 s in every fresh Spark Python worker.
+    # pyarrow's pa.array imports pandas on first use: ~0.5 s in every fresh Spark Python worker
+    # and ferry worker.
     code = """
 import sys, numpy as np
 from ferry import registry
@@ -1152,6 +1153,10 @@ for op in ("threshold_sum", "median"):
     for b in out:
         reduce.process(b)
     assert reduce.finish().num_rows == 9
+    # The worker answers a batch the stage held back (None) with an empty batch of its schema.
+    from ferry.worker.server import _as_batch
+    held = _as_batch(registry.get("tiles_reduce").open(p).process(out[0]), T.TILE_SCHEMA, "tiles_reduce")
+    assert held.num_rows == 0 and held.schema.equals(T.TILE_SCHEMA)
 print("pandas" in sys.modules)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
