@@ -121,6 +121,27 @@ def test_integer_partials_summed_in_the_emit_or_not_give_the_in_process_answer(s
     assert TileReconstruct(combineMb=combine_mb).getCombineMb() == combine_mb
 
 
+def test_output_dtype_gives_the_in_process_values_in_the_dtype_asked_for(spark):
+    image = np.random.default_rng(5).integers(-3000, 3000, size=(23, 29, 2)).astype(np.int16)
+    src = MemorySource.from_images({"i": image}, (6, 7), drop=[TileKey("i", 0, 7, 6)])
+    want = reconstruct(src, "threshold_sum", threshold=1000).tiles
+    df = frame(spark, src, 2)
+    for dtype in ("int32", "int16"):
+        rec = TileReconstruct(operator="threshold_sum", operatorParams={"threshold": 1000}, outputDtype=dtype)
+        assert rec.getOutputDtype() == dtype
+        got = collect_tiles(rec.transform(df))
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].dtype == np.dtype(dtype) and want[k].dtype == np.int64
+            np.testing.assert_array_equal(got[k], want[k])
+    assert TileReconstruct().getOutputDtype() == "operator"
+    with pytest.raises(InvalidParamsError, match="output_dtype"):
+        TileReconstruct(operator="threshold_sum", outputDtype="int12").transform(df)
+    with pytest.raises(TileError, match="outside output_dtype int8"), ferry_errors():
+        TileReconstruct(operator="threshold_sum", operatorParams={"threshold": 1000},
+                        outputDtype="int8").transform(df).collect()
+
+
 def test_several_images_ragged_and_missing_tiles(spark):
     rng = np.random.default_rng(31)
     images = {"a": rng.standard_normal((17, 26)), "b": rng.standard_normal((11, 9)),

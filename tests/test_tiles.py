@@ -16,6 +16,7 @@ from ferry import registry
 from ferry.errors import InputError, InvalidParamsError, SchemaError
 from ferry.stages import tiles as T
 from ferry.stages.tiles import (Grid, Halo, MemorySource, SyntheticSource, TileError, TileKey, assemble, combine,
+                                cast_output,
                                 compress_tile, decode_tile, decompress_tile, encode_tile, plan_reads, reconstruct,
                                 stitch)
 
@@ -975,6 +976,80 @@ def test_emit_sends_sums_in_the_narrowest_dtype_the_reduce_reads_alike():
         assert all(out[k].dtype == np.int64 and np.array_equal(out[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("strategy", ["scatter", "gather"])
+def test_output_dtype_casts_exactly_in_process_and_through_the_stages(strategy):
+    image = np.random.default_rng(8).integers(-3000, 3000, size=(23, 29, 2)).astype(np.int16)
+    src = source_of(image, (6, 7), drop=[TileKey("img", 0, 7, 6)])
+    want = reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000).tiles
+    assert {a.dtype for a in want.values()} == {np.dtype(np.int64)}
+    params = stage_params("threshold_sum", image, (6, 7), strategy=strategy, operator_params={"threshold": 1000})
+    for dtype in ("int32", "int16"):
+        core = reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000, output_dtype=dtype).tiles
+        _, staged = emit_reduce({**params, "output_dtype": dtype}, [tile_batch(src.tiles)])
+        grouped = batch_tiles(next(iter(run_stage("tiles", {**params, "output_dtype": dtype},
+                                                  [tile_batch(src.tiles)]))))
+        for got in (core, staged, grouped):
+            assert set(got) == set(want)
+            for k in want:
+                assert got[k].dtype == np.dtype(dtype), (k, got[k].dtype)
+                np.testing.assert_array_equal(got[k], want[k])
+    # Sums of up to 9 values in -3000..1000 do not fit int8: the error names a tile and the range.
+    with pytest.raises(TileError, match=r"tile \(image 'img'.*outside output_dtype int8 \(-128\.\.127\)"):
+        reconstruct(src, "threshold_sum", strategy=strategy, threshold=1000, output_dtype="int8")
+    with pytest.raises(TileError, match="outside output_dtype int8"):
+        emit_reduce({**params, "output_dtype": "int8"}, [tile_batch(src.tiles)])
+
+
+def test_partials_added_in_the_output_dtype_only_when_no_sum_can_leave_it():
+    rng = np.random.default_rng(12)
+    key = TileKey("i", 0, 0, 0)
+    cases = [([np.int16] * 9, "int32", True), ([np.uint16] * 4, "uint32", True), ([np.int8] * 3, "int16", True),
+             ([np.int16, np.int32], "int32", False), ([np.int16] * 2, "int16", False),
+             ([np.uint8], "uint16", True), ([np.int8], "uint16", False)]
+    for dtypes, want, fits in cases:
+        parts = [rng.integers(np.iinfo(d).min, np.iinfo(d).max, size=(7, 5), endpoint=True).astype(d)
+                 for d in dtypes]
+        parts[0][0, 0] = np.iinfo(dtypes[0]).max  # the bound itself is reached
+        assert T._sum_fits([p.dtype for p in parts], np.dtype(want)) == fits, (dtypes, want)
+        # Added in the output dtype exactly when it fits, else in the sum dtype and cast (checked) after.
+        assert T.combine_as(parts, T._sum_dtype(parts[0].dtype), want).dtype == (np.dtype(want) if fits else
+                                                                                  T._sum_dtype(parts[0].dtype))
+        total = T._sum_dtype(parts[0].dtype)  # the operator's dtype for threshold_sum
+        slow = combine(parts, total)
+        if not (np.iinfo(want).min <= slow.min() and slow.max() <= np.iinfo(want).max):
+            with pytest.raises(TileError, match=f"outside output_dtype {want}"):
+                cast_output(key, T.combine_as(parts, total, want), want)
+            continue
+        got = cast_output(key, T.combine_as(parts, total, want), want)
+        assert got.dtype == np.dtype(want)
+        np.testing.assert_array_equal(got, slow)
+    # A float output (or the operator's dtype) never takes the integer path.
+    f = [rng.standard_normal((3, 3))]
+    assert T.combine_as(f, np.float64, "float32").dtype == np.float64
+    assert T.combine_as([np.ones((2, 2), np.int16)] * 2, np.int64, "operator").dtype == np.int64
+
+
+def test_output_dtype_for_float_results_and_bad_values():
+    image = np.random.default_rng(9).standard_normal((12, 14))
+    src = source_of(image, (5, 5))
+    k = np.array([[1.0, 2.0], [0.5, -1.0]])
+    want = reconstruct(src, "convolve2d", kernel=k).tiles
+    got = reconstruct(src, "convolve2d", kernel=k, output_dtype="float32").tiles
+    for key in want:
+        assert got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], want[key].astype(np.float32))
+    with pytest.raises(TileError, match="float output .* output_dtype is int32"):
+        reconstruct(src, "convolve2d", kernel=k, output_dtype="int32")
+    with pytest.raises(InvalidParamsError, match="output_dtype must be one of"):
+        reconstruct(src, "convolve2d", kernel=k, output_dtype="int12")
+    with pytest.raises(InvalidParamsError, match="'output_dtype' must be one of"):
+        registry.get("tiles_emit").resolve_params({"operator": "median", "output_dtype": "complex128"})
+    assert registry.get("tiles_reduce").resolve_params({"operator": "median"})["output_dtype"] == "operator"
+    ints = source_of(np.arange(30, dtype=np.int16).reshape(5, 6), (3, 3))
+    with pytest.raises(TileError, match="integer output .* output_dtype is float32"):
+        reconstruct(ints, "threshold_sum", output_dtype="float32")
+
+
 def test_emit_leaves_float_partials_alone():
     rng = np.random.default_rng(5)
     image = rng.standard_normal((17, 19))
@@ -1059,7 +1134,8 @@ def test_duplicate_tiles_in_two_emit_streams_still_fail_in_the_reduce():
 
 
 def test_tiles_stages_do_not_import_pandas():
-    # pyarrow's pa.array imports pandas on first use: ~0.5 s in every fresh Spark Python worker.
+    # pyarrow's pa.array imports pandas on first use: ~0.5 s in every fresh Spark Python worker
+    # and ferry worker.
     code = """
 import sys, numpy as np
 from ferry import registry
@@ -1077,6 +1153,10 @@ for op in ("threshold_sum", "median"):
     for b in out:
         reduce.process(b)
     assert reduce.finish().num_rows == 9
+    # The worker answers a batch the stage held back (None) with an empty batch of its schema.
+    from ferry.worker.server import _as_batch
+    held = _as_batch(registry.get("tiles_reduce").open(p).process(out[0]), T.TILE_SCHEMA, "tiles_reduce")
+    assert held.num_rows == 0 and held.schema.equals(T.TILE_SCHEMA)
 print("pandas" in sys.modules)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -97,3 +97,19 @@ def test_errors_are_one_clear_line(store, tmp_path):
     proc = ferry("reconstruct", "--input", tmp_path / "missing.parquet", "--output", tmp_path / "o",
                  "--operator", "median", ok=False)
     assert "ferry tiles reconstruct:" in proc.stderr and "missing.parquet" in proc.stderr
+
+
+def test_output_dtype_option(tmp_path):
+    image = np.random.default_rng(3).integers(-3000, 3000, (30, 20, 2)).astype(np.int16)
+    write_images(tmp_path / "int.parquet", {"i": image}, (16, 16))
+    ferry("reconstruct", "--input", tmp_path / "int.parquet", "--output", tmp_path / "o", "--operator",
+          "threshold_sum", "--output-dtype", "int32", "--no-progress")
+    got = read_output(tmp_path / "o")
+    want = reconstruct(TileStore(tmp_path / "int.parquet"), "threshold_sum").tiles
+    assert set(got) == set(want)
+    assert all(got[k].dtype == np.int32 and want[k].dtype == np.int64 and np.array_equal(got[k], want[k])
+               for k in want)
+    proc = ferry("reconstruct", "--input", tmp_path / "int.parquet", "--output", tmp_path / "o2", "--operator",
+                 "threshold_sum", "--output-dtype", "int12", ok=False)
+    assert proc.stderr.strip().splitlines()[-1].startswith("ferry tiles reconstruct:")
+    assert "output_dtype must be one of operator, int8" in proc.stderr

@@ -161,7 +161,8 @@ def child_core(a: dict) -> dict:
     stats: dict = {}
     fps, fp_s = {}, 0.0
     t0 = time.perf_counter()
-    for k, t in iter_reconstruct(src, a["operator"], strategy=a["core_strategy"], stats=stats, **op_args(a)):
+    for k, t in iter_reconstruct(src, a["operator"], strategy=a["core_strategy"], stats=stats,
+                                 output_dtype=a["output_dtype"], **op_args(a)):
         t1 = time.perf_counter()
         fps[key_str(k)] = fingerprint(t)
         fp_s += time.perf_counter() - t1
@@ -204,7 +205,7 @@ def child_pyspark(a: dict) -> dict:
         df = keys.repartition(2).withColumn("pixels", F.udf(pull, "binary")(
             "image_id", "z", "x", "y", "tile_height", "tile_width"))
     rec = TileReconstruct(operator=a["operator"], operatorParams=op_args_json(a), strategy=a["spark_strategy"],
-                          numPartitions=a["partitions"])
+                          numPartitions=a["partitions"], outputDtype=a["output_dtype"])
     with ferry_errors():
         out = rec.transform(df)
         t2 = time.perf_counter()
@@ -302,9 +303,11 @@ class Bench:
         self.say(f"  seed {approach}: {summary(res)}")
         return res
 
-    def operator_runs(self, case: dict, operator: str, conf: dict, spark_strategy: str) -> list[dict]:
+    def operator_runs(self, case: dict, operator: str, conf: dict, spark_strategy: str,
+                      output_dtype: str = "operator") -> list[dict]:
         base = {"case": case, "operator": operator, "kernel": kernel5(), "core_strategy": "auto",
-                "spark_strategy": spark_strategy, "conf": conf, "partitions": case["partitions"]}
+                "spark_strategy": spark_strategy, "conf": conf, "partitions": case["partitions"],
+                "output_dtype": output_dtype}
         floor = self.child("floor", base)
         core = self.child("core", base)
         out = self.tmp / "out" / f"{case['name']}-{operator}"
@@ -314,9 +317,10 @@ class Bench:
         if self.args.assembly:
             results.append(self.scala(case, base, conf, spark_strategy))
         ref = json.loads(Path(floor["fingerprints"]).read_text()) if floor.get("fingerprints") else None
-        core["strategy"], spark["strategy"] = "strategy auto", f"strategy {spark_strategy}"
+        out = "" if output_dtype == "operator" else f", output {output_dtype}"
+        core["strategy"], spark["strategy"] = f"strategy auto{out}", f"strategy {spark_strategy}{out}"
         if len(results) > 3:
-            results[3]["strategy"] = f"strategy {spark_strategy}"
+            results[3]["strategy"] = f"strategy {spark_strategy}{out}"
         for r in results:
             r["operator"] = operator
             if r is not floor and ref is not None and r.get("fingerprints"):
@@ -341,7 +345,7 @@ class Bench:
                "--conf", f"spark.ferry.python={self.python}", "--class", "ferry.examples.TileDemo",
                "--jars", self.args.assembly, self.args.assembly, store, str(out),
                "--operator", base["operator"], "--operator-params", json.dumps(op_args_json(base)),
-               "--strategy", strategy]
+               "--strategy", strategy, "--output-dtype", base["output_dtype"]]
         proc, log = self.run(cmd, tag)
         res = {"method": "scala", **proc}
         line = next((l for l in log.read_text(errors="replace").splitlines() if l.startswith("FERRY_TILES_RESULT")),
@@ -398,6 +402,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600, help="cap per case in seconds (default 600)")
     p.add_argument("--tmp", help="where stores and outputs go (the large case needs ~6 GB)")
     p.add_argument("--assembly", help="ferry's assembly jar: also run ferry via Scala (ferry.TileReconstruct)")
+    p.add_argument("--threshold-sum-dtype", default="int32",
+                   help="output_dtype of ferry's threshold_sum runs (default int32: the int16 sums' exact values in "
+                        "half of int64's bytes; 'operator' for the seed's int64)")
     p.add_argument("--note", default="", help="a line for the report")
     p.add_argument("--from-json", help="re-render the Markdown from a results JSON")
     args = p.parse_args()
@@ -431,7 +438,7 @@ def main() -> None:
             r = bench.seed(approach, seed_case)
             r["operator"] = "threshold_sum"
             results.append(r)
-    results += bench.operator_runs(seed_case, "threshold_sum", conf, "auto")
+    results += bench.operator_runs(seed_case, "threshold_sum", conf, "auto", args.threshold_sum_dtype)
     results += bench.operator_runs(seed_case, "convolve2d", conf, "gather")
     data["cases"].append({"case": seed_case, "spark_conf": conf, "results": results})
 

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     r.add_argument("--radius", type=int, default=-1, metavar="R",
                    help="neighbourhood radius in tiles (default: the operator's)")
     r.add_argument("--strategy", default="auto", choices=("auto", "scatter", "gather"))
+    r.add_argument("--output-dtype", default="operator", metavar="DTYPE",
+                   help="output tiles' dtype: operator (default: the operator's own, e.g. int64 for threshold_sum "
+                        "on int16), int8..int64, uint8..uint64 (every value must fit, else the run fails naming "
+                        "the tile) or float32/float64 for float results")
     r.add_argument("--params", default="{}", metavar="JSON", help='operator params, e.g. \'{"size": 3}\'')
     r.add_argument("--kernel", metavar="JSON", help="convolve2d's kernel, e.g. '[[1, 2], [3, 4]]'")
     r.add_argument("--codec", default=None, choices=("zstd", "npz"), help="output compression (default zstd)")
@@ -115,7 +119,8 @@ def _reconstruct_core(args) -> tuple[int, int, int]:
         total = sum(len(g.offsets()) for g in store.grids.values())
         stats: dict = {}
         tiles = iter_reconstruct(store, args.operator, strategy=args.strategy,
-                                 radius=None if args.radius < 0 else args.radius, stats=stats, **params)
+                                 radius=None if args.radius < 0 else args.radius, stats=stats,
+                                 output_dtype=args.output_dtype, **params)
         written = write_output(args.output, _tracked(tiles, _progress(args, total)), args.codec or DEFAULT_CODEC)
         return stats["reads"], written, total
     finally:
@@ -141,7 +146,7 @@ def _reconstruct_spark(args) -> tuple[int, int, int]:
     spark.sparkContext.setLogLevel("ERROR")
     try:
         rec = TileReconstruct(operator=args.operator, operatorParams=_operator_params(args), strategy=args.strategy,
-                              radius=args.radius, numPartitions=args.partitions)
+                              radius=args.radius, numPartitions=args.partitions, outputDtype=args.output_dtype)
         with ferry_errors():
             out = rec.transform(spark.read.parquet(os.path.abspath(args.input)))
             # One partition at a time reaches the driver: its memory holds a few output tiles, not the image.

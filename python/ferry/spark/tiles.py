@@ -88,6 +88,11 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                       "scatter: MB of integer partial sums each emit task may hold to send one row per target "
                       "instead of one per (source, target); 0 = off, -1 (default) = the stage's default",
                       typeConverter=TypeConverters.toInt)
+    outputDtype = Param(Params._dummy(), "outputDtype",
+                        "output tiles' dtype: operator (default: the operator's own, e.g. int64 for threshold_sum "
+                        "on int16 tiles), an integer dtype for integer results (every value must fit, else an "
+                        "error naming the tile), or float32 / float64 for float results",
+                        typeConverter=TypeConverters.toString)
     numPartitions = Param(Params._dummy(), "numPartitions",
                           "partitions of the shuffle by target; 0 (default) = spark.sql.shuffle.partitions",
                           typeConverter=TypeConverters.toInt)
@@ -99,13 +104,13 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                       typeConverter=TypeConverters.toString)
 
     _DEFAULTS = dict(operatorParams="{}", strategy="auto", radius=-1, tileHeight=-1, tileWidth=-1, imageHeight=-1,
-                     imageWidth=-1, combineMb=-1, numPartitions=0, imageIdCol="image_id", zCol="z", xCol="x", yCol="y",
-                     pixelsCol="pixels")
+                     imageWidth=-1, combineMb=-1, outputDtype="operator", numPartitions=0, imageIdCol="image_id",
+                     zCol="z", xCol="x", yCol="y", pixelsCol="pixels")
 
     @keyword_only
     def __init__(self, *, operator=None, operatorParams=None, kernel=None, strategy=None, radius=None,
-                 tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, combineMb=None, numPartitions=None,
-                 imageIdCol=None, zCol=None, xCol=None, yCol=None, pixelsCol=None):
+                 tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, combineMb=None, outputDtype=None,
+                 numPartitions=None, imageIdCol=None, zCol=None, xCol=None, yCol=None, pixelsCol=None):
         super().__init__()
         self._setDefault(**self._DEFAULTS)
         self._reads = None
@@ -113,8 +118,8 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
 
     @keyword_only
     def setParams(self, *, operator=None, operatorParams=None, kernel=None, strategy=None, radius=None,
-                  tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, combineMb=None, numPartitions=None,
-                  imageIdCol=None, zCol=None, xCol=None, yCol=None, pixelsCol=None):
+                  tileHeight=None, tileWidth=None, imageHeight=None, imageWidth=None, combineMb=None, outputDtype=None,
+                  numPartitions=None, imageIdCol=None, zCol=None, xCol=None, yCol=None, pixelsCol=None):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         if isinstance(kwargs.get("operatorParams"), dict):
             kwargs["operatorParams"] = registry.to_json(kwargs["operatorParams"])
@@ -131,6 +136,7 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
     def setImageHeight(self, value): return self._set(imageHeight=value)
     def setImageWidth(self, value): return self._set(imageWidth=value)
     def setCombineMb(self, value): return self._set(combineMb=value)
+    def setOutputDtype(self, value): return self._set(outputDtype=value)
     def setNumPartitions(self, value): return self._set(numPartitions=value)
     def getOperator(self): return self.getOrDefault(self.operator)
     def getOperatorParams(self): return self.getOrDefault(self.operatorParams)
@@ -138,6 +144,7 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
     def getStrategy(self): return self.getOrDefault(self.strategy)
     def getRadius(self): return self.getOrDefault(self.radius)
     def getCombineMb(self): return self.getOrDefault(self.combineMb)
+    def getOutputDtype(self): return self.getOrDefault(self.outputDtype)
     def getNumPartitions(self): return self.getOrDefault(self.numPartitions)
 
     def getSourceReads(self) -> int:
@@ -159,7 +166,7 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                                          "operatorParams; give it once")
             op_params["kernel"] = self.getKernel()
         given = {"operator": self.getOperator(), "operator_params": op_params, "strategy": self.getStrategy(),
-                 "radius": self.getRadius()}
+                 "radius": self.getRadius(), "output_dtype": self.getOutputDtype()}
         for name, param in (("tile_height", self.tileHeight), ("tile_width", self.tileWidth),
                             ("image_height", self.imageHeight), ("image_width", self.imageWidth)):
             given[name] = self.getOrDefault(param)

@@ -138,4 +138,4 @@ def _zeros(row: pa.RecordBatch, params: dict) -> pa.RecordBatch:
         halo = op.halo(grid.tile_shape, radius)
         region = tiles.stitch(key, shape, {}, halo, dtype=dtype, channels=channels)
         out = tiles.apply(lambda reg: op.region(reg, shape, grid, radius), region, halo, shape)
-    return tiles._tile_batch([(key, out)])
+    return tiles._tile_batch([(key, tiles.cast_output(key, out, params["output_dtype"]))])

@@ -542,6 +542,31 @@ def combine(parts: Iterable[np.ndarray], dtype=None) -> np.ndarray:
     return acc if dtype is None else acc.astype(dtype, copy=False)
 
 
+def _sum_fits(dtypes: Iterable[np.dtype], want: np.dtype) -> bool:
+    """Whether every sum of one value of each dtype fits ``want``: then adding in ``want`` is exact."""
+    dtypes = [np.dtype(d) for d in dtypes]
+    if want.kind not in "iu" or any(d.kind not in "iu" for d in dtypes):
+        return False
+    info = np.iinfo(want)
+    return (info.min <= sum(int(np.iinfo(d).min) for d in dtypes)
+            and sum(int(np.iinfo(d).max) for d in dtypes) <= info.max)
+
+
+def combine_as(parts: list[np.ndarray], dtype: np.dtype, output_dtype: str = "operator") -> np.ndarray:
+    """combine(parts, dtype), or, when no sum of the parts' dtypes can leave the integer
+    ``output_dtype`` (e.g. int32 for int16 partials), the same sums added in ``output_dtype``
+    directly: what cast_output would make of combine's int64 tile, without the int64 tile and
+    without a range check."""
+    want = None if output_dtype == "operator" else np.dtype(output_dtype)
+    if (want is not None and parts and np.dtype(dtype) == _sum_dtype(parts[0].dtype)
+            and _sum_fits([p.dtype for p in parts], want)):
+        acc = np.array(parts[0], dtype=want, copy=True)
+        for p in parts[1:]:
+            acc += p
+        return acc
+    return combine(parts, dtype)
+
+
 def region_origin(target: TileKey, halo: Halo) -> tuple[int, int]:
     """The (y, x) in the image of a target's halo region's first pixel."""
     return target.y - halo.top, target.x - halo.left
@@ -918,6 +943,37 @@ class JobResult:
 
 
 STRATEGIES = ("auto", "scatter", "gather")
+#: Values of the output_dtype param: the operator's own dtype, or a numpy dtype the output is cast to.
+OUTPUT_DTYPES = ("operator", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                 "float32", "float64")
+
+
+def cast_output(key: TileKey, out: np.ndarray, output_dtype: str = "operator") -> np.ndarray:
+    """An output tile in ``output_dtype``: unchanged for "operator"; integer results go to an
+    integer dtype only if every value fits (else a TileError naming the tile and the values' range:
+    the cast is exact or fails), float results to float32 (rounded to nearest) or float64."""
+    if output_dtype == "operator" or out.dtype == np.dtype(output_dtype):
+        return out
+    if output_dtype not in OUTPUT_DTYPES:
+        raise InvalidParamsError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {output_dtype!r}")
+    want = np.dtype(output_dtype)
+    if out.dtype.kind in "biu":
+        if want.kind not in "iu":
+            raise TileError(key, f"has integer output ({out.dtype}) but output_dtype is {want}; choose an "
+                                 "integer output_dtype, or 'operator'")
+        if out.size:
+            lo, hi, info = int(out.min()), int(out.max()), np.iinfo(want)
+            if lo < info.min or hi > info.max:
+                raise TileError(key, f"has output values {lo}..{hi}, outside output_dtype {want} "
+                                     f"({info.min}..{info.max}); choose a wider output_dtype, or 'operator'")
+        return out.astype(want)
+    if out.dtype.kind == "f":
+        if want.kind != "f":
+            raise TileError(key, f"has float output ({out.dtype}) but output_dtype is {want}; choose float32, "
+                                 "float64 or 'operator'")
+        return out.astype(want)
+    raise TileError(key, f"has {out.dtype} output; output_dtype applies to integer and float outputs only: "
+                         "use 'operator'")
 
 
 def _strategy(op: Operator, strategy: str) -> str:
@@ -949,7 +1005,7 @@ def _radius(op: Operator, grid: Grid, image: tuple[str, int] | None, radius: int
 
 def iter_reconstruct(source, operator: str | Operator = "threshold_sum", targets: Iterable[TileKey] | None = None,
                      *, strategy: str = "auto", radius: int | None = None, stats: dict | None = None,
-                     **params) -> Iterator[tuple[TileKey, np.ndarray]]:
+                     output_dtype: str = "operator", **params) -> Iterator[tuple[TileKey, np.ndarray]]:
     """Yields (target, output tile) as each target's last source has been read.
 
     ``source`` has ``grids`` ({(image_id, z): Grid}), ``exists(key)`` and
@@ -957,7 +1013,11 @@ def iter_reconstruct(source, operator: str | Operator = "threshold_sum", targets
     :class:`SyntheticSource` or ``ferry.tiles_store.TileStore``. Targets default to every tile
     of every image. Each source tile is read exactly once; ``stats['reads']`` counts the reads
     and ``stats['plan']`` holds the plan. Memory holds only the targets still waiting.
+    ``output_dtype`` casts each output tile (see :func:`cast_output`); "operator" keeps the
+    operator's own dtype (int64 for threshold_sum on int16 tiles, as the seed's np.sum).
     """
+    if output_dtype not in OUTPUT_DTYPES:
+        raise InvalidParamsError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {output_dtype!r}")
     op = get_operator(operator, **params)
     grids = source.grids
     if targets is None:
@@ -990,7 +1050,8 @@ def iter_reconstruct(source, operator: str | Operator = "threshold_sum", targets
         if how == "scatter":
             if got is None:
                 dtype = out_dtypes.get(t.image, op.out_dtype(prof["dtype"]))
-                return np.zeros(shape + ((prof["channels"],) if prof["channels"] else ()), dtype)
+                return cast_output(t, np.zeros(shape + ((prof["channels"],) if prof["channels"] else ()), dtype),
+                                   output_dtype)
             acc, partial_dtype = got
             out = acc.astype(op.out_dtype(partial_dtype), copy=False)
         else:
@@ -998,7 +1059,7 @@ def iter_reconstruct(source, operator: str | Operator = "threshold_sum", targets
             region = stitch(t, shape, got or {}, halo, dtype=prof["dtype"], channels=prof["channels"])
             out = apply(lambda r: op.region(r, shape, grid, plan.radius[t.image]), region, halo, shape)
         out_dtypes.setdefault(t.image, out.dtype)
-        return out
+        return cast_output(t, out, output_dtype)
 
     seen = set()
     for s, tile in source.read_many(list(plan.fanout)):
@@ -1053,7 +1114,8 @@ def _piece(source: TileKey, tile: np.ndarray, target: TileKey, shape: tuple[int,
 
 
 def reconstruct(source, operator: str | Operator = "threshold_sum", targets: Iterable[TileKey] | None = None,
-                *, strategy: str = "auto", radius: int | None = None, **params) -> JobResult:
+                *, strategy: str = "auto", radius: int | None = None, output_dtype: str = "operator",
+                **params) -> JobResult:
     """Runs a whole job in this process and returns every output tile and the number of reads.
 
     Examples
@@ -1070,7 +1132,7 @@ def reconstruct(source, operator: str | Operator = "threshold_sum", targets: Ite
     """
     stats: dict = {}
     tiles = dict(iter_reconstruct(source, operator, targets, strategy=strategy, radius=radius, stats=stats,
-                                  **params))
+                                  output_dtype=output_dtype, **params))
     return JobResult(tiles, stats["reads"], stats["plan"])
 
 
@@ -1202,6 +1264,10 @@ _PARAMS = [
     Param("combine_mb", "int", "scatter: MB of sums tiles_emit may hold to send one row per target per stream "
           "for integer partials, instead of one per (source, target); 0 = one per pair.", default=512,
           check=lambda v: None if v >= 0 else "must be >= 0"),
+    Param("output_dtype", "string", "Output tiles' dtype: 'operator' (the operator's own, e.g. int64 for "
+          "threshold_sum on int16 tiles), an integer dtype for integer results (every value must fit, else "
+          "an error naming the tile), or float32 (rounded) / float64 for float results.", default="operator",
+          choices=OUTPUT_DTYPES),
 ]
 
 _GEOMETRY_COLUMNS = ("image_height", "image_width", "tile_height", "tile_width")
@@ -1513,7 +1579,9 @@ class ReduceStage:
                     if not parts:
                         raise TileError(t, "got only rows whose partials were summed into another row, and "
                                            "not that row: the rows of one tiles_emit stream were split up")
-                    yield t, combine(parts, self.op.out_dtype(parts[0].dtype))
+                    out_dtype = self.params["output_dtype"]
+                    yield t, cast_output(t, combine_as(parts, self.op.out_dtype(parts[0].dtype), out_dtype),
+                                         out_dtype)
                     continue
                 grid = Grid(*tile_shape, *tile_shape)  # only the tile size matters to a region
                 r = _radius(self.op, grid, t.image, None if self.params["radius"] < 0 else self.params["radius"])
@@ -1522,7 +1590,8 @@ class ReduceStage:
                 # A piece starts where its source tile meets the region.
                 placed = {s.moved(max(s.x, ox), max(s.y, oy)): p for s, p in pieces.items()}
                 region = stitch(t, shape, placed, halo)
-                yield t, apply(lambda reg: self.op.region(reg, shape, grid, r), region, halo, shape)
+                yield t, cast_output(t, apply(lambda reg: self.op.region(reg, shape, grid, r), region, halo, shape),
+                                     self.params["output_dtype"])
         return _tile_batch(results())
 
 
@@ -1567,5 +1636,6 @@ class TilesStage:
                               g.tile_height, g.tile_width)
         src = MemorySource(self.tiles, grids)
         r = None if self.params["radius"] < 0 else self.params["radius"]
-        return _tile_batch(sorted(iter_reconstruct(src, self.op, strategy=self.params["strategy"], radius=r),
+        return _tile_batch(sorted(iter_reconstruct(src, self.op, strategy=self.params["strategy"], radius=r,
+                                                   output_dtype=self.params["output_dtype"]),
                                   key=lambda kv: kv[0]))

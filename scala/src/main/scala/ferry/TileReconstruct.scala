@@ -47,8 +47,19 @@ trait TileReconstructParams extends Params {
     "scatter: MB of integer partial sums each emit task may hold; 0 = off, -1 (default) = the stage's default",
     (v: Int) => v >= -1)
 
+  /**
+   * Output tiles' dtype: "operator" (default: the operator's own, e.g. int64 for threshold_sum on
+   * int16 tiles), an integer dtype for integer results (every value must fit, else the task fails
+   * naming the tile), or float32 (rounded) / float64 for float results.
+   */
+  final val outputDtype: Param[String] = new Param[String](this, "outputDtype",
+    "output tiles' dtype: operator (default; the operator's own), " +
+      TileReconstruct.OutputDtypes.filter(_ != "operator").mkString(", ") +
+      " (integer results: every value must fit; float results: float32 or float64)",
+    (s: String) => TileReconstruct.OutputDtypes.contains(s))
+
   setDefault(operatorParams -> "{}", strategy -> "auto", radius -> -1, tileHeight -> -1, tileWidth -> -1,
-    imageHeight -> -1, imageWidth -> -1, combineMb -> -1)
+    imageHeight -> -1, imageWidth -> -1, combineMb -> -1, outputDtype -> "operator")
 }
 
 /**
@@ -77,6 +88,7 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   def setTileSize(height: Int, width: Int): this.type = set(tileHeight, height).set(tileWidth, width)
   def setImageSize(height: Int, width: Int): this.type = set(imageHeight, height).set(imageWidth, width)
   def setCombineMb(value: Int): this.type = set(combineMb, value)
+  def setOutputDtype(value: String): this.type = set(outputDtype, value)
 
   /** The convolution kernel of operator convolve2d (rows of taps). */
   def setKernel(kernel: Array[Array[Double]]): this.type =
@@ -85,7 +97,7 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   private def stageParams(tile: (Int, Int)): String = Json.encode(Map(
     "operator" -> $(operator), "operator_params" -> Json.decodeObject($(operatorParams)),
     "strategy" -> $(strategy), "radius" -> $(radius), "tile_height" -> tile._1, "tile_width" -> tile._2,
-    "image_height" -> $(imageHeight), "image_width" -> $(imageWidth)) ++
+    "image_height" -> $(imageHeight), "image_width" -> $(imageWidth), "output_dtype" -> $(outputDtype)) ++
     (if ($(combineMb) >= 0) Map("combine_mb" -> $(combineMb)) else Map.empty))
 
   private def inputCols(schema: StructType): Seq[String] =
@@ -166,6 +178,9 @@ object TileReconstruct extends DefaultParamsReadable[TileReconstruct] {
   val Reduce = "tiles_reduce"
   val TileColumns: Seq[String] = Seq("image_id", "z", "x", "y", "pixels")
   val GeometryColumns: Seq[String] = Seq("image_height", "image_width", "tile_height", "tile_width")
+  /** Values of `outputDtype`: the stage contract's `output_dtype` choices. */
+  val OutputDtypes: Seq[String] = Seq("operator", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+    "uint64", "float32", "float64")
 
   override def load(path: String): TileReconstruct = super.load(path)
 }

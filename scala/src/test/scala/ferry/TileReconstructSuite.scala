@@ -111,6 +111,42 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("outputDtype casts the output exactly (int32 and int16 equal the int64 job), or fails naming the tile") {
+    val intStore = new File(dir, "int-store-dtype.parquet").getAbsolutePath
+    py(s"""
+      |import numpy as np
+      |from ferry.tiles_store import write_images
+      |rng = np.random.default_rng(11)
+      |write_images(r"$intStore", {"i": rng.integers(-3000, 3000, size=(45, 38, 2)).astype(np.int16)}, (10, 12))
+      |""".stripMargin)
+    val tiles = spark.read.parquet(intStore).repartition(3)
+    def rec = new TileReconstruct().setOperator("threshold_sum").setOperatorParams("""{"threshold": 1000}""")
+    val plain = rec
+    assert(plain.getOrDefault(plain.outputDtype) == "operator")
+    Seq("int32", "int16").foreach { dtype =>
+      val path = new File(dir, s"int-out-$dtype.parquet").getAbsolutePath
+      rec.setOutputDtype(dtype).transform(tiles).write.parquet(path)
+      py(s"""
+        |import io, numpy as np, pyarrow.parquet as pq
+        |from ferry.stages.tiles import TileKey, reconstruct
+        |from ferry.tiles_store import TileStore
+        |job = reconstruct(TileStore(r"$intStore"), "threshold_sum", threshold=1000)
+        |t = pq.read_table(r"$path").to_pylist()
+        |assert len(t) == len(job.tiles) == 20, (len(t), len(job.tiles))
+        |for r in t:
+        |    got, want = np.load(io.BytesIO(r["pixels"])), job.tiles[TileKey(r["image_id"], r["z"], r["x"], r["y"])]
+        |    assert got.dtype == np.dtype("$dtype") and want.dtype == np.int64, (got.dtype, want.dtype)
+        |    assert np.array_equal(got, want), (r["x"], r["y"])
+        |""".stripMargin)
+    }
+    // Sums of up to 9 values in -3000..1000 do not fit int8: the task fails naming a tile.
+    val e = intercept[Exception](rec.setOutputDtype("int8").transform(tiles).collect())
+    val f = FerryException.find(e).getOrElse(fail("no FerryException", e))
+    assert(f.isInstanceOf[InvalidInputException], f)
+    assert(f.getMessage.contains("int8") && f.getMessage.contains("x="), f.getMessage)
+    intercept[IllegalArgumentException](rec.setOutputDtype("int12"))
+  }
+
   test("TileDemo (the benchmark's Scala job) reports one read per source tile and writes every output tile") {
     val (rec, in, out) = ferry.examples.TileDemo.parse(Seq(store, new File(dir, "demo-out").getAbsolutePath,
       "--operator", "median", "--operator-params", """{"size": 3}""", "--strategy", "gather"))

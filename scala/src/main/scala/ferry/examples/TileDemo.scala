@@ -9,7 +9,7 @@ import org.apache.spark.sql.SparkSession
  * {{{
  * spark-submit --class ferry.examples.TileDemo --jars ferry-assembly.jar ferry-assembly.jar \
  *     <store.parquet> <output.parquet> --operator convolve2d [--operator-params '{"kernel": [[...]]}']
- *     [--strategy scatter|gather|auto] [--radius R]
+ *     [--strategy scatter|gather|auto] [--radius R] [--output-dtype operator|int32|...]
  * }}}
  *
  * Prints `FERRY_TILES_RESULT {"seconds":S,"reads":R,"outputs":N}` when done: S covers the job
@@ -18,7 +18,7 @@ import org.apache.spark.sql.SparkSession
 object TileDemo {
 
   private val Usage = "usage: TileDemo <store.parquet> <output.parquet> --operator NAME " +
-    "[--operator-params JSON] [--strategy scatter|gather|auto] [--radius R]"
+    "[--operator-params JSON] [--strategy scatter|gather|auto] [--radius R] [--output-dtype DTYPE]"
 
   /** The transformer and the store and output paths given by `argv`. */
   def parse(argv: Seq[String]): (TileReconstruct, String, String) = {
@@ -30,6 +30,7 @@ object TileDemo {
       case "--operator-params" :: v :: tail => rec.setOperatorParams(v); rest = tail
       case "--strategy" :: v :: tail => rec.setStrategy(v); rest = tail
       case "--radius" :: v :: tail => rec.setRadius(v.toInt); rest = tail
+      case "--output-dtype" :: v :: tail => rec.setOutputDtype(v); rest = tail
       case flag :: _ if flag.startsWith("--") => throw new IllegalArgumentException(s"unknown option $flag\n$Usage")
       case v :: tail => positional += v; rest = tail
       case Nil =>
