@@ -65,6 +65,20 @@ def test_descending_ids_take_the_relayout(spark):
     assert_numpy_equal(out, x, np.array([1.0, -2.0, 0.5]), "full")
 
 
+def test_runs_whose_ids_minus_rows_coincide_are_told_apart(spark):
+    # One partition, rows in this order: ids 5..7 at rows 0..2 and ids 13..19 at rows 8..14 share
+    # id - row = 5, which the planning query groups runs by; they are two runs, not one.
+    order = [5, 6, 7, 0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18, 19, 8, 9, 10, 11, 12]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(20) + 1j * rng.standard_normal(20)
+    df = spark.createDataFrame([(i, float(x[i].real), float(x[i].imag)) for i in order],
+                               "id long, real double, imag double").coalesce(1)
+    assert [r.id for r in df.collect()] == order
+    k = np.array([0.5, -1.0, 0.25, 2.0])
+    for mode in ("full", "same", "valid"):
+        assert_numpy_equal(Convolve(kernelReal=k.tolist(), mode=mode).transform(df), x, k, mode)
+
+
 def test_real_series_and_custom_columns(spark):
     rng = np.random.default_rng(9)
     x = rng.standard_normal(777)
