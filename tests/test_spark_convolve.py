@@ -66,8 +66,8 @@ def test_descending_ids_take_the_relayout(spark):
 
 
 def test_runs_whose_ids_minus_rows_coincide_are_told_apart(spark):
-    # One partition, rows in this order: ids 5..7 at rows 0..2 and ids 13..19 at rows 8..14 share
-    # id - row = 5, which the planning query groups runs by; they are two runs, not one.
+    # One partition holding four runs in this order; ids 5..7 at rows 0..2 and ids 13..19 at
+    # rows 8..14 even share id - row = 5: a planner grouping rows by it must still see two runs.
     order = [5, 6, 7, 0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18, 19, 8, 9, 10, 11, 12]
     rng = np.random.default_rng(11)
     x = rng.standard_normal(20) + 1j * rng.standard_normal(20)

@@ -224,7 +224,7 @@ def child_spark(a: dict) -> None:
             from ferry.spark import Convolve
             k = np.load(a["kernel"])
             conv = Convolve(kernelReal=k.real.tolist(), kernelImag=k.imag.tolist(), mode="same")
-            result = conv.transform(df)       # runs the planning pass (Spark SQL: runs, nulls, run edges)
+            result = conv.transform(df)       # runs the planning pass (a collect of each run's edges)
             t2 = time.perf_counter()
             result.write.parquet(out)         # the computing pass
             if run == 0:
@@ -777,7 +777,7 @@ def render_md(result: dict) -> str:
                      f"{vs_seed} | {warm_cols} | {err_txt} | {_fmt_s(r.get('session_s'))} | {_fmt_s(r.get('wall_s'))} | {_load(r)} |")
         fp = _get(case, "ferry_pyspark")
         if fp and fp.get("plan_s") is not None:
-            L += ["", f"ferry via PySpark split: planning pass (`transform`: pins the series, then Spark SQL queries for the runs, nulls and run edges) "
+            L += ["", f"ferry via PySpark split: planning pass (`transform`, a read + collect of run edges) "
                       f"{fp['plan_s']:.2f} s, computing pass (read + convolve + write) {fp['compute_write_s']:.2f} s; "
                       f"{fp.get('partitions')} input partitions."]
         if seed and seed.get("check", {}).get("wrong_positions_in_batch"):

@@ -20,6 +20,17 @@ from ferry.stages.convolve import MODES
 #: the data is then re-laid out by id range before computing.
 MAX_RUNS_PER_PARTITION = 1024
 
+_PLAN_SCHEMA = T.StructType([
+    T.StructField("partition", T.IntegerType()),
+    T.StructField("index", T.IntegerType()),
+    T.StructField("start", T.LongType()),
+    T.StructField("length", T.LongType()),
+    T.StructField("head_real", T.ArrayType(T.DoubleType())),
+    T.StructField("head_imag", T.ArrayType(T.DoubleType())),
+    T.StructField("tail_real", T.ArrayType(T.DoubleType())),
+    T.StructField("tail_imag", T.ArrayType(T.DoubleType())),
+    T.StructField("problem", T.StringType()),
+])
 
 
 class Convolve(Transformer, DefaultParamsReadable, DefaultParamsWritable):
@@ -140,63 +151,16 @@ class Convolve(Transformer, DefaultParamsReadable, DefaultParamsWritable):
 
 
 def _plan(series: DataFrame, taps: int) -> list[Run] | None:
-    """The runs of every partition with their first and last taps - 1 samples (None when some
-    partition is too fragmented); raises on nulls.
-
-    Three JVM-only queries over the pinned series, none of which sends a sample to Python: the
-    runs, as groups of rows sharing partition and id - row index (both rise by one along a run);
-    the first null, if any; and the rows within taps - 1 of a run's ends, by a broadcast join
-    with the runs.
-    """
-    keep = taps - 1
-    keyed = series.select("id", "real", "imag", F.spark_partition_id().alias("p"),
-                          F.monotonically_increasing_id().alias("row"))
-    keyed = keyed.withColumn("k", F.col("id") - F.col("row"))
-    groups = (keyed.where(F.col("id").isNotNull())
-              .groupBy("p", "k")
-              .agg(F.min("id").alias("start"), F.max("id").alias("last"), F.count(F.lit(1)).alias("length"),
-                   F.min("row").alias("first_row"), F.max("row").alias("last_row")))
-    parts = max(series.rdd.getNumPartitions(), 1)
-    rows = groups.limit(MAX_RUNS_PER_PARTITION * parts + 1).collect()
-    per_part: dict[int, list] = {}
-    for r in rows:
-        per_part.setdefault(r.p, []).append(r)
-    if len(rows) > MAX_RUNS_PER_PARTITION * parts or any(len(v) > MAX_RUNS_PER_PARTITION for v in per_part.values()):
-        return None
-    # Two runs of a partition can share id - row (ids 5..7 at rows 0..2, ids 15..17 at rows
-    # 10..12): such a group spans more ids or rows than it has; the partition is then re-laid out.
-    if any(r.last - r.start + 1 != r.length or r.last_row - r.first_row + 1 != r.length for r in rows):
-        return None
-    _raise_on_nulls(series)
-    runs_df = series.sparkSession.createDataFrame(
-        [(r.p, r.k, r.start, r.start + r.length) for r in rows], "p int, k long, start long, end long")
-    edges = {}
-    if keep and rows:
-        near = (keyed.join(F.broadcast(runs_df), ["p", "k"])
-                .where((F.col("id") - F.col("start") < keep) | (F.col("end") - F.col("id") <= keep))
-                .select("p", "k", "id", "real", "imag").collect())
-        for e in near:
-            edges.setdefault((e.p, e.k), []).append((e.id, e.real, e.imag))
+    """The runs of every partition (None when some partition is too fragmented); raises on nulls."""
+    task = functools.partial(convolve_tasks.plan_partition, keep=taps - 1, max_runs=MAX_RUNS_PER_PARTITION)
+    rows = series.mapInArrow(task, _PLAN_SCHEMA).collect()
     runs = []
-    for p, group in per_part.items():
-        for index, r in enumerate(sorted(group, key=lambda g: g.first_row)):
-            got = sorted(edges.get((p, r.k), []))
-            ids = np.array([g[0] for g in got], np.int64)
-            x = complex_from_columns(np.array([g[1] for g in got], np.float64), np.array([g[2] for g in got], np.float64))
-            head = x[ids < r.start + min(keep, r.length)]
-            tail = x[ids >= r.start + r.length - min(keep, r.length)]
-            runs.append(Run(p, index, r.start, r.length, head, tail))
+    for row in rows:
+        if row.problem == "fragmented":
+            return None
+        if row.problem:
+            raise InputError(f"Convolve: {row.problem}")
+        runs.append(Run(row.partition, row.index, row.start, row.length,
+                        complex_from_columns(np.asarray(row.head_real), np.asarray(row.head_imag)),
+                        complex_from_columns(np.asarray(row.tail_real), np.asarray(row.tail_imag))))
     return runs
-
-
-def _raise_on_nulls(series: DataFrame) -> None:
-    """InputError naming a column holding nulls and where (an id, or the partition for null ids)."""
-    hit = (series.where(F.col("id").isNull() | F.col("real").isNull() | F.col("imag").isNull())
-           .select("id", F.col("real").isNull().alias("r"), F.col("imag").isNull().alias("i"),
-                   F.spark_partition_id().alias("p"))
-           .limit(1).collect())
-    if hit:
-        h = hit[0]
-        name = "id" if h.id is None else "real" if h.r else "imag"
-        where = f"in partition {h.p}" if h.id is None else f"at id {h.id}"
-        raise InputError(f"Convolve: column {name!r} holds null values (one {where}); drop or fill them")

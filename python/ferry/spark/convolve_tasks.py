@@ -1,6 +1,6 @@
-"""What the executors run for ferry.spark.Convolve: the computing pass of one partition (the
-planning pass is Spark SQL). Kept apart from the pyspark.ml classes so a Python worker imports
-only numpy, pyarrow and the stage."""
+"""What the executors run for ferry.spark.Convolve: the planning and the computing pass of one
+partition. Kept apart from the pyspark.ml classes so a Python worker imports only numpy,
+pyarrow and the stage."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,13 +8,66 @@ import pyarrow as pa
 
 from ferry.arrow import column_numpy, complex_from_columns
 from ferry.errors import InputError
-from ferry.stages.convolve import StreamConvolver
+from ferry.stages.convolve import StreamConvolver, runs_of
 
 
 def compute_rows(batches, plan, kernel, mode, n, names):
     """The computing pass as a mapInArrow function: this partition's runs between their halos."""
     from pyspark import TaskContext
     yield from compute_partition(TaskContext.get().partitionId(), plan.value, batches, kernel, mode, n, names)
+
+
+def plan_partition(batches, keep: int, max_runs: int):
+    """Planning pass of one partition: its runs, with their first and last `keep` samples."""
+    from pyspark import TaskContext
+    part = TaskContext.get().partitionId()
+    runs: list[list] = []   # [start, length, head list, tail array]
+    for b in batches:
+        for name in ("id", "real", "imag"):
+            col = b.column(name)
+            if col.null_count:
+                row = int(np.flatnonzero(~np.asarray(col.is_valid()))[0])
+                sid = b.column("id")[row].as_py()
+                where = f"at id {sid}" if sid is not None else f"in partition {part}"
+                yield problem(part, f"column {name!r} holds null values (the first {where}); drop or fill them")
+                return
+        ids = b.column("id").to_numpy()
+        x = complex_from_columns(b.column("real").to_numpy(), b.column("imag").to_numpy())
+        starts, ends = runs_of(ids)
+        for k, (a, e) in enumerate(zip(starts, ends)):
+            if k == 0 and runs and runs[-1][0] + runs[-1][1] == ids[a]:
+                r = runs[-1]            # this batch continues the previous run
+            else:
+                r = [int(ids[a]), 0, [], x[:0]]
+                runs.append(r)
+                if len(runs) > max_runs:
+                    yield problem(part, "fragmented")
+                    return
+            seg = x[a:e]
+            if len(r[2]) < keep:
+                r[2].extend(seg[:keep - len(r[2])])
+            r[3] = np.concatenate((r[3], seg))[-keep:] if keep else seg[:0]
+            r[1] += int(e - a)
+    for i, (start, length, head, tail) in enumerate(runs):
+        head = np.asarray(head, np.complex128)
+        yield pa.RecordBatch.from_pylist([{
+            "partition": part, "index": i, "start": start, "length": length,
+            "head_real": head.real.tolist(), "head_imag": head.imag.tolist(),
+            "tail_real": tail.real.tolist(), "tail_imag": tail.imag.tolist(), "problem": None}],
+            schema=PLAN_ARROW)
+
+
+
+PLAN_ARROW = pa.schema([("partition", pa.int32()), ("index", pa.int32()), ("start", pa.int64()),
+                         ("length", pa.int64()), ("head_real", pa.list_(pa.float64())),
+                         ("head_imag", pa.list_(pa.float64())), ("tail_real", pa.list_(pa.float64())),
+                         ("tail_imag", pa.list_(pa.float64())), ("problem", pa.string())])
+
+
+def problem(part: int, text: str) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([{"partition": part, "index": -1, "start": 0, "length": 0, "head_real": [],
+                                        "head_imag": [], "tail_real": [], "tail_imag": [], "problem": text}],
+                                      schema=PLAN_ARROW)
 
 
 def compute_partition(part, plan, batches, kernel, mode, n, names):
