@@ -29,6 +29,18 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
 
   private def py(script: String): String = TestSpark.runPython(script)
 
+  /** A store of one seeded 45x38x2 int16 image ("i") in 10x12 tiles, values in [low, high); its path. */
+  private def intStore(name: String, seed: Int, low: Int, high: Int): String = {
+    val path = new File(dir, name).getAbsolutePath
+    py(s"""
+      |import numpy as np
+      |from ferry.tiles_store import write_images
+      |rng = np.random.default_rng($seed)
+      |write_images(r"$path", {"i": rng.integers($low, $high, size=(45, 38, 2)).astype(np.int16)}, (10, 12))
+      |""".stripMargin)
+    path
+  }
+
 
   private def kernel: Array[Array[Double]] = {
     val text = py(s"""import numpy as np; k = np.load(r"$dir/kernel.npy"); print(";".join(",".join(repr(float(v)) for v in r) for r in k))""")
@@ -85,14 +97,8 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
   }
 
   test("threshold_sum on int16 tiles, integer partials summed in the emit or not, equals the in-process job bit for bit") {
-    val intStore = new File(dir, "int-store.parquet").getAbsolutePath
-    py(s"""
-      |import numpy as np
-      |from ferry.tiles_store import write_images
-      |rng = np.random.default_rng(7)
-      |write_images(r"$intStore", {"i": rng.integers(-32768, 32767, size=(45, 38, 2)).astype(np.int16)}, (10, 12))
-      |""".stripMargin)
-    val tiles = spark.read.parquet(intStore).repartition(3)
+    val ints = intStore("int-store.parquet", 7, -32768, 32767)
+    val tiles = spark.read.parquet(ints).repartition(3)
     Seq(-1, 0).foreach { mb =>
       val path = new File(dir, s"int-out-$mb.parquet").getAbsolutePath
       new TileReconstruct().setOperator("threshold_sum").setOperatorParams("""{"threshold": 1000}""").setRadius(2)
@@ -101,7 +107,7 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
         |import io, numpy as np, pyarrow.parquet as pq
         |from ferry.stages.tiles import TileKey, reconstruct
         |from ferry.tiles_store import TileStore
-        |job = reconstruct(TileStore(r"$intStore"), "threshold_sum", threshold=1000, radius=2)
+        |job = reconstruct(TileStore(r"$ints"), "threshold_sum", threshold=1000, radius=2)
         |t = pq.read_table(r"$path").to_pylist()
         |assert len(t) == len(job.tiles) == 20, (len(t), len(job.tiles))
         |for r in t:
@@ -112,14 +118,8 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
   }
 
   test("outputDtype casts the output exactly (int32 and int16 equal the int64 job), or fails naming the tile") {
-    val intStore = new File(dir, "int-store-dtype.parquet").getAbsolutePath
-    py(s"""
-      |import numpy as np
-      |from ferry.tiles_store import write_images
-      |rng = np.random.default_rng(11)
-      |write_images(r"$intStore", {"i": rng.integers(-3000, 3000, size=(45, 38, 2)).astype(np.int16)}, (10, 12))
-      |""".stripMargin)
-    val tiles = spark.read.parquet(intStore).repartition(3)
+    val ints = intStore("int-store-dtype.parquet", 11, -3000, 3000)
+    val tiles = spark.read.parquet(ints).repartition(3)
     def rec = new TileReconstruct().setOperator("threshold_sum").setOperatorParams("""{"threshold": 1000}""")
     val plain = rec
     assert(plain.getOrDefault(plain.outputDtype) == "operator")
@@ -130,7 +130,7 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
         |import io, numpy as np, pyarrow.parquet as pq
         |from ferry.stages.tiles import TileKey, reconstruct
         |from ferry.tiles_store import TileStore
-        |job = reconstruct(TileStore(r"$intStore"), "threshold_sum", threshold=1000)
+        |job = reconstruct(TileStore(r"$ints"), "threshold_sum", threshold=1000)
         |t = pq.read_table(r"$path").to_pylist()
         |assert len(t) == len(job.tiles) == 20, (len(t), len(job.tiles))
         |for r in t:
