@@ -1042,6 +1042,8 @@ def test_output_dtype_for_float_results_and_bad_values():
         reconstruct(src, "convolve2d", kernel=k, output_dtype="int32")
     with pytest.raises(InvalidParamsError, match="output_dtype must be one of"):
         reconstruct(src, "convolve2d", kernel=k, output_dtype="int12")
+    with pytest.raises(InvalidParamsError, match="output_dtype must be one of"):
+        cast_output(next(iter(want)), np.zeros((2, 2), np.int64), "int12")
     with pytest.raises(InvalidParamsError, match="'output_dtype' must be one of"):
         registry.get("tiles_emit").resolve_params({"operator": "median", "output_dtype": "complex128"})
     assert registry.get("tiles_reduce").resolve_params({"operator": "median"})["output_dtype"] == "operator"

@@ -948,15 +948,21 @@ OUTPUT_DTYPES = ("operator", "int8", "int16", "int32", "int64", "uint8", "uint16
                  "float32", "float64")
 
 
+def _check_output_dtype(output_dtype: str) -> None:
+    if output_dtype not in OUTPUT_DTYPES:
+        raise InvalidParamsError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {output_dtype!r}")
+
+
 def cast_output(key: TileKey, out: np.ndarray, output_dtype: str = "operator") -> np.ndarray:
     """An output tile in ``output_dtype``: unchanged for "operator"; integer results go to an
     integer dtype only if every value fits (else a TileError naming the tile and the values' range:
     the cast is exact or fails), float results to float32 (rounded to nearest) or float64."""
-    if output_dtype == "operator" or out.dtype == np.dtype(output_dtype):
+    if output_dtype == "operator":
         return out
-    if output_dtype not in OUTPUT_DTYPES:
-        raise InvalidParamsError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {output_dtype!r}")
+    _check_output_dtype(output_dtype)     # before np.dtype, which fails on unknown names with a bare TypeError
     want = np.dtype(output_dtype)
+    if out.dtype == want:
+        return out
     if out.dtype.kind in "biu":
         if want.kind not in "iu":
             raise TileError(key, f"has integer output ({out.dtype}) but output_dtype is {want}; choose an "
@@ -1016,8 +1022,7 @@ def iter_reconstruct(source, operator: str | Operator = "threshold_sum", targets
     ``output_dtype`` casts each output tile (see :func:`cast_output`); "operator" keeps the
     operator's own dtype (int64 for threshold_sum on int16 tiles, as the seed's np.sum).
     """
-    if output_dtype not in OUTPUT_DTYPES:
-        raise InvalidParamsError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {output_dtype!r}")
+    _check_output_dtype(output_dtype)
     op = get_operator(operator, **params)
     grids = source.grids
     if targets is None:
