@@ -38,6 +38,7 @@ import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import scipy.sparse
 
 from ferry.errors import InputError, InvalidParamsError
 from ferry.stages.lopq.model import PCA, Centroids, LOPQModel, _f32, as_vectors, check_config, nearest
@@ -363,11 +364,74 @@ class KMeansPartial:
     far_rows: np.ndarray
 
 
-_DIST_BLOCK_ELEMENTS = 1 << 17
+#: Rows per block of assign(): the (rows x k) float32 distances stay in cache.
+_ASSIGN_BLOCK_ROWS = 2048
+#: Squared norms and coordinates above these overflow float32 distances: assign() then takes nearest()'s path.
+_F32_SAFE = 1e30
+_F32_SAFE_COORD = 1e15
 
 
 def kmeans_chunk(X: np.ndarray, centroids) -> KMeansPartial:
     return kmeans_chunk_labels(X, centroids)[0]
+
+
+def assign(X: np.ndarray, cents: Centroids) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest centroid of every row and its squared distance, for a Lloyd step.
+
+    One float32 matmul per block of rows, |c|^2 - 2 x.c, as nearest() starts, but from data and
+    centroids shifted by the centroids' mean: distances do not change, and an offset common to
+    all points (raw features far from 0) no longer eats float32's digits. Unlike nearest() it
+    keeps the float32 winner where two centroids are within rounding of each other: a Lloyd step
+    needs a nearest centroid, and either of two tied ones lowers the inertia alike. The
+    encoder's codes still come from nearest(), which settles such ties in float64. Skipping that
+    check and taking the distance from the matmul (not from the differences) makes a step about
+    1.5x faster.
+    """
+    n, dim = X.shape
+    k = cents.C.shape[0]
+    shift = cents.C.mean(axis=0)
+    C = cents.C - shift
+    sq_c = np.einsum("ij,ij->i", C, C)
+    if n == 0 or k == 1 or not sq_c.max() < _F32_SAFE:
+        return _assign_exact(X, cents)
+    aug = np.vstack([-2.0 * C.T, sq_c[None, :]]).astype(np.float32)
+    labels = np.empty(n, dtype=np.intp)
+    dists = np.empty(n)
+    rows = min(_ASSIGN_BLOCK_ROWS, n)
+    Xa = np.empty((rows, dim + 1), dtype=np.float32)
+    Xa[:, -1] = 1.0
+    d = np.empty((rows, k), dtype=np.float32)
+    for a in range(0, n, rows):
+        m = min(rows, n - a)
+        xs = X[a:a + m] - shift
+        if not np.abs(xs).max() < _F32_SAFE_COORD:
+            # Squares this large overflow float32 (or the block holds NaN): nearest() copes.
+            labels[a:a + m], dists[a:a + m] = _assign_exact(X[a:a + m], cents)
+            continue
+        Xa[:m, :-1] = xs
+        np.matmul(Xa[:m], aug, out=d[:m])
+        lab = d[:m].argmin(axis=1)
+        labels[a:a + m] = lab
+        # The distance itself in float64 from the differences: a row's value then does not
+        # depend on where the chunking put it (float32 matmul results may), nor do the sums.
+        xs -= C[lab]
+        np.einsum("ij,ij->i", xs, xs, out=dists[a:a + m])
+    return labels, dists
+
+
+def _assign_exact(X: np.ndarray, cents: Centroids) -> tuple[np.ndarray, np.ndarray]:
+    labels = nearest(X, cents)
+    diff = X - cents.C[labels]
+    return labels, np.einsum("ij,ij->i", diff, diff)
+
+
+def cluster_sums(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-cluster sums of the rows of X: a sparse one-hot (k x n) matrix times X, one pass in C."""
+    n = X.shape[0]
+    if n == 0:
+        return np.zeros((k, X.shape[1]))
+    onehot = scipy.sparse.csr_matrix((np.ones(n), labels, np.arange(n + 1)), shape=(n, k)).T.tocsr()
+    return np.asarray(onehot @ X)
 
 
 def kmeans_chunk_labels(X: np.ndarray, centroids) -> tuple[KMeansPartial, np.ndarray]:
@@ -375,26 +439,9 @@ def kmeans_chunk_labels(X: np.ndarray, centroids) -> tuple[KMeansPartial, np.nda
     cents = centroids if isinstance(centroids, Centroids) else Centroids(centroids)
     K, d = cents.C.shape
     X = np.ascontiguousarray(X)  # a column slice: gathers below run several times faster contiguous
-    labels = nearest(X, cents)
-    dists = np.empty(X.shape[0])
-    # Row blocks of about a megabyte: the differences stay in cache instead of going to memory
-    # and back twice (2.5x faster at D/2 = 64; the same values).
-    rows = max(1, _DIST_BLOCK_ELEMENTS // max(d, 1))
-    for a in range(0, X.shape[0], rows):
-        diff = X[a:a + rows] - cents.C[labels[a:a + rows]]
-        np.einsum("ij,ij->i", diff, diff, out=dists[a:a + rows])
+    labels, dists = assign(X, cents)
     counts = np.bincount(labels, minlength=K).astype(np.int64)
-    sums = np.zeros((K, d))
-    if X.shape[0] and K <= 32:
-        # Few clusters: a one-hot matrix times X is one BLAS call per block of rows.
-        for a in range(0, X.shape[0], 4096):
-            lab = labels[a:a + 4096]
-            onehot = np.zeros((K, lab.size))
-            onehot[lab, np.arange(lab.size)] = 1.0
-            sums += onehot @ X[a:a + 4096]
-    elif X.shape[0]:
-        for j in range(d):
-            sums[:, j] = np.bincount(labels, weights=X[:, j], minlength=K)
+    sums = cluster_sums(X, labels, K)
     nf = min(FAR_POINTS, X.shape[0])
     far = np.argpartition(dists, X.shape[0] - nf)[X.shape[0] - nf:] if nf else np.empty(0, np.intp)
     return KMeansPartial(counts, sums, float(dists.sum()), dists[far], X[far]), labels
