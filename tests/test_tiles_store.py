@@ -87,6 +87,19 @@ def test_metadata_projection_in_plain_pyarrow(tmp_path):
     assert table.column_names == ["image_id", "x", "y"] and table.num_rows == 25
 
 
+def test_pixels_are_stored_plain_not_in_a_dictionary(tmp_path):
+    # Distinct tiles dictionary-encoded would all sit in one dictionary page per row group,
+    # which Spark's reader decodes whole and copies each tile out of again.
+    rng = np.random.default_rng(0)
+    store = write_images(tmp_path / "t.parquet", {"a": rng.standard_normal((40, 40))}, (8, 8))
+    md = pq.ParquetFile(store.path).metadata
+    pixels = md.schema.names.index("pixels")
+    for g in range(md.num_row_groups):
+        col = md.row_group(g).column(pixels)
+        assert not col.has_dictionary_page and "RLE_DICTIONARY" not in col.encodings, col.encodings
+    assert md.row_group(0).column(md.schema.names.index("image_id")).has_dictionary_page
+
+
 def test_store_without_count_bytes_refuses_to_count(tmp_path):
     store = write_images(tmp_path / "t.parquet", {"a": np.zeros((8, 8))}, (8, 8))
     with pytest.raises(InvalidParamsError, match="count_bytes=True"):

@@ -60,7 +60,11 @@ class TileStoreWriter:
     def __init__(self, path: str, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES, compression: str = "zstd"):
         self.path = os.fspath(path)
         self.row_group_bytes = int(row_group_bytes)
-        self._writer = pq.ParquetWriter(self.path, SCHEMA, compression=compression)
+        # No dictionary for the pixels: the writer falls back from dictionary encoding only after
+        # a page, so a row group's tiles (all distinct) would all land in one dictionary page,
+        # which Spark's reader decodes whole and then copies each tile out of again.
+        self._writer = pq.ParquetWriter(self.path, SCHEMA, compression=compression,
+                                        use_dictionary=[n for n in SCHEMA.names if n != PIXELS])
         self._rows: list[dict] = []
         self._bytes = 0
         self._grids: dict[tuple[str, int], Grid] = {}
