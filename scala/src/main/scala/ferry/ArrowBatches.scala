@@ -15,10 +15,11 @@ import org.apache.arrow.vector.types.FloatingPointPrecision
 import org.apache.arrow.vector.types.pojo.{ArrowType, Field, FieldType, Schema}
 import org.apache.spark.sql.Row
 import org.apache.spark.sql.catalyst.InternalRow
-import org.apache.spark.sql.catalyst.expressions.{GenericInternalRow, GenericRow, UnsafeArrayData, UnsafeProjection}
+import org.apache.spark.sql.catalyst.expressions.{GenericInternalRow, GenericRow, UnsafeArrayData, UnsafeProjection, UnsafeRow}
 import org.apache.spark.sql.catalyst.util.{ArrayData, GenericArrayData}
 import org.apache.spark.sql.types._
 import org.apache.spark.sql.vectorized.{ColumnVector, ColumnarBatch}
+import org.apache.spark.unsafe.Platform
 import org.apache.spark.unsafe.types.UTF8String
 
 /**
@@ -130,7 +131,7 @@ object ArrowBatches {
 
     /** Serialized batches, lazily: each `next()` reads just enough rows for one batch. */
     def batches(rows: Iterator[InternalRow]): Iterator[ByteString] = new Iterator[ByteString] {
-      def hasNext: Boolean = pending != null || rows.hasNext
+      def hasNext: Boolean = carried > 0 || rows.hasNext
       def next(): ByteString = {
         if (!hasNext) throw new NoSuchElementException("no more rows")
         nextBatch(rows)
@@ -164,30 +165,40 @@ object ArrowBatches {
         }
         return flush(n)
       }
-      var bytes = fixedOverhead
-      var full = false
-      // A buffered row that did not fit into the previous batch comes first.
-      while (!full && (pending != null || rows.hasNext)) {
-        val row = if (pending != null) pending else rows.next()
-        pending = null
+      // A row that did not fit into the previous batch is already in the vectors, at index 0.
+      n = carried
+      var bytes = fixedOverhead + carriedBytes
+      carried = 0
+      carriedBytes = 0L
+      // A carried row alone may already fill the batch (a row over the bytes cap travels alone).
+      var full = n > 0 && (n >= maxRows || bytes >= maxBytes)
+      while (!full && rows.hasNext) {
+        val row = rows.next()
         var rowBytes = 0L
         var i = 0
         while (i < writers.length) { rowBytes += writers(i).sizeOf(row, i); i += 1 }
         if (n > 0 && bytes + rowBytes > maxBytes) {
-          pending = row.copy()
-          full = true
-        } else {
+          // The batch is full: send it, then write this row as the first of the next one now,
+          // while the row is valid (the iterator may reuse it), instead of copying it to keep.
+          val message = flush(n)
           i = 0
-          while (i < writers.length) { writers(i).write(row, i, n); i += 1 }
-          n += 1
-          bytes += rowBytes
-          if (n >= maxRows || bytes >= maxBytes) full = true
+          while (i < writers.length) { writers(i).write(row, i, 0); i += 1 }
+          carried = 1
+          carriedBytes = rowBytes
+          return message
         }
+        i = 0
+        while (i < writers.length) { writers(i).write(row, i, n); i += 1 }
+        n += 1
+        bytes += rowBytes
+        if (n >= maxRows || bytes >= maxBytes) full = true
       }
       flush(n)
     }
 
-    private var pending: InternalRow = null
+    /** Rows (0 or 1) written into the vectors for the next batch, and their bytes. */
+    private var carried = 0
+    private var carriedBytes = 0L
 
     override def close(): Unit = if (!closed) {
       closed = true
@@ -318,10 +329,25 @@ object ArrowBatches {
   }
 
   private final class Bin(v: VarBinaryVector) extends FieldWriter {
+    // An UnsafeRow (what scans and shuffles hand over) is read in place: getBinary would copy
+    // each value to a new array, twice per row (size, then value), and values here are often
+    // megabytes (image tiles), so those copies were most of the writer's garbage.
     def sizeOf(row: SpecializedGettersLike, ordinal: Int): Long =
-      if (row.isNullAt(ordinal)) 5 else 5L + row.getBinary(ordinal).length
+      if (row.isNullAt(ordinal)) 5
+      else row match {
+        case u: UnsafeRow => 5L + (u.getLong(ordinal) & 0xFFFFFFFFL)
+        case _ => 5L + row.getBinary(ordinal).length
+      }
     def write(row: SpecializedGettersLike, ordinal: Int, index: Int): Unit =
-      if (row.isNullAt(ordinal)) v.setNull(index) else v.setSafe(index, row.getBinary(ordinal))
+      if (row.isNullAt(ordinal)) v.setNull(index)
+      else row match {
+        case u: UnsafeRow if u.getBaseObject.isInstanceOf[Array[Byte]] =>
+          val offsetAndSize = u.getLong(ordinal)
+          val start = u.getBaseOffset - Platform.BYTE_ARRAY_OFFSET + (offsetAndSize >>> 32)
+          v.setSafe(index, java.nio.ByteBuffer.wrap(u.getBaseObject.asInstanceOf[Array[Byte]]), start.toInt,
+            offsetAndSize.toInt)
+        case _ => v.setSafe(index, row.getBinary(ordinal))
+      }
     def finish(count: Int): Unit = v.setValueCount(count)
   }
 
