@@ -4,13 +4,13 @@ import java.util.concurrent.{LinkedBlockingQueue, TimeUnit}
 
 import scala.jdk.CollectionConverters._
 
-import com.google.protobuf.ByteString
+import com.google.protobuf.{ByteString, CodedInputStream, InvalidProtocolBufferException}
 import ferry.proto.v1._
 import io.grpc._
 import io.grpc.health.v1.{HealthCheckRequest, HealthCheckResponse, HealthGrpc}
 import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder
 import io.grpc.protobuf.ProtoUtils
-import io.grpc.stub.{ClientCallStreamObserver, ClientResponseObserver}
+import io.grpc.stub.{ClientCallStreamObserver, ClientCalls, ClientResponseObserver}
 import org.apache.spark.TaskContext
 import org.apache.spark.sql.types.StructType
 
@@ -171,6 +171,43 @@ final class WorkerClient private (
 
 object WorkerClient {
 
+  /**
+   * Parses a RunResponse from one array holding the whole message, its batch bytes aliasing that
+   * array. gRPC's default protobuf marshaller copies a message's bytes twice on the way in (into
+   * a parse buffer, then into the ByteString; over 4 MB through a stream decoder, again twice),
+   * and a batch of image tiles is tens of megabytes: one copy is enough.
+   */
+  private[ferry] object RunResponseMarshaller extends MethodDescriptor.Marshaller[RunResponse] {
+    private val default = ProtoUtils.marshaller(RunResponse.getDefaultInstance)
+
+    override def stream(value: RunResponse): java.io.InputStream = default.stream(value)
+
+    override def parse(stream: java.io.InputStream): RunResponse = {
+      val bytes = try stream match {
+        case known: KnownLength =>
+          val data = new Array[Byte](known.available())
+          val read = stream.readNBytes(data, 0, data.length)
+          if (read == data.length && stream.read() == -1) data
+          else throw Status.INTERNAL.withDescription("a Run response ended before its stated length or ran past it")
+            .asRuntimeException()
+        case _ => stream.readAllBytes()
+      } finally stream.close()
+      val in = CodedInputStream.newInstance(bytes)
+      in.enableAliasing(true)
+      in.setSizeLimit(Int.MaxValue) // gRPC's inbound limit has bounded the message already
+      try RunResponse.parseFrom(in)
+      catch {
+        case e: InvalidProtocolBufferException =>
+          throw Status.INTERNAL.withDescription("Invalid protobuf byte sequence in a Run response").withCause(e)
+            .asRuntimeException()
+      }
+    }
+  }
+
+  private[ferry] val RunMethod: MethodDescriptor[RunRequest, RunResponse] =
+    WorkerGrpc.getRunMethod.toBuilder(ProtoUtils.marshaller(RunRequest.getDefaultInstance), RunResponseMarshaller)
+      .build()
+
   /** Lower-case hex sha256 of `data`: how resources are named on the wire. */
   def sha256Hex(data: Array[Byte]): String =
     java.security.MessageDigest.getInstance("SHA-256").digest(data).map(b => f"${b & 0xff}%02x").mkString
@@ -318,7 +355,8 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
       override def onError(t: Throwable): Unit = events.put(Failed(t))
       override def onCompleted(): Unit = events.put(Completed)
     }
-    stub.run(observer)
+    // The Run method with ferry's response marshaller (see RunMethod).
+    ClientCalls.asyncBidiStreamingCall(stub.getChannel.newCall(WorkerClient.RunMethod, stub.getCallOptions), observer)
     guard {
       requests.onNext(RunRequest.newBuilder().setOpen(open).build())
       take() match {
