@@ -90,6 +90,63 @@ class BatchingSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("rows from a reused UnsafeRow (as scans and shuffles hand them over) split by the bytes cap come back intact") {
+    // One projection, one row object rewritten on every next(): the writer reads binaries in
+    // place and writes the row that overflows a batch into the next one before taking another.
+    val bin = StructType(Seq(StructField("id", LongType), StructField("b", BinaryType), StructField("s", StringType)))
+    val project = org.apache.spark.sql.catalyst.expressions.UnsafeProjection.create(bin)
+    def payload(i: Int): Array[Byte] = Array.tabulate[Byte]((i * 7919) % 3000)(j => (i * 31 + j).toByte)
+    def rows = Iterator.tabulate(600) { i =>
+      project(new GenericInternalRow(Array[Any](i.toLong, if (i % 11 == 5) null else payload(i),
+        UTF8String.fromString("r" * (i % 5)))))
+    }
+    assert(rows.take(2).toSeq.map(System.identityHashCode).distinct.length == 1, "the projection reuses its row")
+    for ((maxRows, maxBytes) <- Seq((1000, 8192L), (3, 1L << 20), (1000, 2048L), (1000, 1L))) {
+      withAllocator { alloc =>
+        val writer = new ArrowBatches.Writer(bin, alloc, maxRows, maxBytes)
+        val reader = new ArrowBatches.Reader(ArrowBatches.serializeSchema(writer.arrowSchema), alloc, "")
+        try {
+          val msgs = writer.batches(rows).toVector
+          val back = msgs.flatMap { m =>
+            val got = reader.externalRows(m).toVector
+            assert(got.nonEmpty && got.length <= maxRows)
+            // Over the cap only when one row alone is larger than it.
+            if (got.length > 1) assert(m.size() <= maxBytes, s"message of ${m.size()} bytes > cap $maxBytes")
+            got
+          }
+          assert(back.map(_.getLong(0)) == (0 until 600).map(_.toLong))
+          back.foreach { r =>
+            val i = r.getLong(0).toInt
+            if (i % 11 == 5) assert(r.isNullAt(1)) else assert(r.getAs[Array[Byte]](1).sameElements(payload(i)), s"row $i")
+            assert(r.getString(2) == "r" * (i % 5))
+          }
+          if (maxBytes == 8192L) assert(msgs.length > 600 * 1500 / 8192)
+          if (maxBytes == 1L) assert(msgs.length == 600)
+        } finally {
+          reader.close()
+          writer.close()
+        }
+      }
+    }
+  }
+
+  test("Run responses parse from one array, small and over 4 MB, and a cut-off message is an INTERNAL status") {
+    import ferry.proto.v1.{Batch, RunResponse}
+    val m = WorkerClient.RunResponseMarshaller
+    for (size <- Seq(0, 10, 5 << 20)) {
+      val data = Array.tabulate[Byte](size)(i => (i * 13).toByte)
+      val resp = RunResponse.newBuilder().setBatch(Batch.newBuilder().setArrow(ByteString.copyFrom(data))).build()
+      val back = m.parse(m.stream(resp))
+      assert(back.getBatch.getArrow.toByteArray.sameElements(data), s"$size bytes")
+      // A plain stream (no known length) parses too.
+      assert(m.parse(new java.io.ByteArrayInputStream(resp.toByteArray)) == resp)
+    }
+    val full = RunResponse.newBuilder().setBatch(Batch.newBuilder().setArrow(ByteString.copyFrom(new Array[Byte](100))))
+      .build().toByteArray
+    val cut = intercept[io.grpc.StatusRuntimeException](m.parse(new java.io.ByteArrayInputStream(full.take(50))))
+    assert(cut.getStatus.getCode == io.grpc.Status.Code.INTERNAL)
+  }
+
   test("a single row larger than the bytes cap travels alone") {
     withAllocator { alloc =>
       val writer = new ArrowBatches.Writer(schema, alloc, 1000, 4096)
