@@ -5,6 +5,7 @@ import pytest
 from ferry.errors import InputError, InvalidParamsError
 from ferry.lopq import LOPQModel, LOPQTrainingWarning, fit
 from ferry.stages.lopq import train as T
+from ferry.stages.lopq.model import Centroids
 from tests.synthetic import mixture
 
 
@@ -336,3 +337,17 @@ def test_sampling_keeps_the_same_rows_for_any_chunking(data, ratio):
     assert abs(whole.mean() - ratio) < 0.05
     with pytest.raises(InvalidParamsError, match=r"sampling ratio must lie in \(0, 1\]"):
         T.sample_mask(data, 0.0, 9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e6])
+@pytest.mark.parametrize("scale", [1.0, 1e17])
+def test_lloyd_assignment_equals_the_exact_nearest_centroid_far_from_the_origin_and_at_huge_scales(offset, scale):
+    # Float32 distances from data shifted by the centroids' mean: a common offset loses no
+    # digits; values whose squares overflow float32 take the exact float64 path.
+    rng = np.random.default_rng(11)
+    X = (mixture(4000, 16, 20, seed=3) + offset) * scale
+    C = X[rng.choice(X.shape[0], 40, replace=False)] + 0.01 * scale
+    labels, dists = T.assign(X, Centroids(C))
+    exact = ((X[:, None, :] - C[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, exact.argmin(1))
+    np.testing.assert_allclose(dists, exact.min(1), rtol=1e-9, atol=1e-9 * scale ** 2)
