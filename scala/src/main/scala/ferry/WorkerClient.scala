@@ -4,7 +4,7 @@ import java.util.concurrent.{LinkedBlockingQueue, TimeUnit}
 
 import scala.jdk.CollectionConverters._
 
-import com.google.protobuf.{ByteString, CodedInputStream, InvalidProtocolBufferException}
+import com.google.protobuf.{ByteString, InvalidProtocolBufferException, UnsafeByteOperations}
 import ferry.proto.v1._
 import io.grpc._
 import io.grpc.health.v1.{HealthCheckRequest, HealthCheckResponse, HealthGrpc}
@@ -192,7 +192,14 @@ object WorkerClient {
             .asRuntimeException()
         case _ => stream.readAllBytes()
       } finally stream.close()
-      val in = CodedInputStream.newInstance(bytes)
+      parse(bytes)
+    }
+
+    /** Parses `bytes`, which must not change afterwards: the batch bytes are a view of them. */
+    def parse(bytes: Array[Byte]): RunResponse = {
+      // A coded input over an array it may treat as immutable: only then does aliasing apply
+      // (CodedInputStream.newInstance(byte[]) copies every bytes field regardless).
+      val in = UnsafeByteOperations.unsafeWrap(bytes).newCodedInput()
       in.enableAliasing(true)
       in.setSizeLimit(Int.MaxValue) // gRPC's inbound limit has bounded the message already
       try RunResponse.parseFrom(in)

@@ -141,6 +141,12 @@ class BatchingSuite extends AnyFunSuite with SparkSuite {
       // A plain stream (no known length) parses too.
       assert(m.parse(new java.io.ByteArrayInputStream(resp.toByteArray)) == resp)
     }
+    // One copy, from the transport into one array: the parsed batch is a view of that array.
+    val wire = RunResponse.newBuilder().setBatch(Batch.newBuilder().setArrow(ByteString.copyFrom(Array[Byte](1, 2, 3))))
+      .build().toByteArray
+    val parsed = m.parse(wire)
+    wire(wire.length - 1) = 9
+    assert(parsed.getBatch.getArrow.byteAt(2) == 9, "the batch bytes alias the message array")
     val full = RunResponse.newBuilder().setBatch(Batch.newBuilder().setArrow(ByteString.copyFrom(new Array[Byte](100))))
       .build().toByteArray
     val cut = intercept[io.grpc.StatusRuntimeException](m.parse(new java.io.ByteArrayInputStream(full.take(50))))
