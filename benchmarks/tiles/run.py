@@ -211,8 +211,10 @@ def child_pyspark(a: dict) -> dict:
         t2 = time.perf_counter()
         # Output tiles are single multi-MB values. Parquet's writer checks a page's size only every
         # 100 rows by default (800 MB of 1000x1000 float64 tiles) and keeps a dictionary of them:
-        # check every row, no dictionary, small row groups, so a small heap holds a writer.
+        # check every row, no dictionary, small row groups, so a small heap holds a writer; and no
+        # min/max statistics of the pixels (the writer copies every value to compare it).
         (out.write.mode("overwrite").option("parquet.enable.dictionary", "false")
+         .option("parquet.column.statistics.enabled#pixels", "false")
          .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 1)
          .option("parquet.block.size", 16 << 20).option("compression", "none").parquet(a["output"]))
     t3 = time.perf_counter()

@@ -44,8 +44,10 @@ object TileDemo {
     val t0 = System.nanoTime()
     val out = rec.transform(spark.read.parquet(store))
     // Output tiles are multi-MB single values: check the page size on every row and keep no
-    // dictionary, so a small heap holds the Parquet writer.
+    // dictionary, so a small heap holds the Parquet writer, and no min/max statistics of the
+    // pixels (the writer copies every value to compare it).
     out.write.mode("overwrite").option("parquet.enable.dictionary", "false")
+      .option("parquet.column.statistics.enabled#pixels", "false")
       .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 1)
       .option("parquet.block.size", 16 << 20).option("compression", "none").parquet(output)
     val seconds = (System.nanoTime() - t0) / 1e9
