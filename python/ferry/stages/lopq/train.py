@@ -384,8 +384,8 @@ def assign(X: np.ndarray, cents: Centroids) -> tuple[np.ndarray, np.ndarray]:
     keeps the float32 winner where two centroids are within rounding of each other: a Lloyd step
     needs a nearest centroid, and either of two tied ones lowers the inertia alike. The
     encoder's codes still come from nearest(), which settles such ties in float64. Skipping that
-    check and taking the distance from the matmul (not from the differences) makes a step about
-    1.5x faster.
+    check, and computing the distances within the same cache-sized block, made a training run
+    about 16% faster.
     """
     n, dim = X.shape
     k = cents.C.shape[0]
