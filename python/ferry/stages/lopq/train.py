@@ -426,11 +426,14 @@ def _assign_exact(X: np.ndarray, cents: Centroids) -> tuple[np.ndarray, np.ndarr
 
 
 def cluster_sums(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per-cluster sums of the rows of X: a sparse one-hot (k x n) matrix times X, one pass in C."""
+    """Per-cluster sums of the rows of X: a sparse one-hot (k x n) matrix times X, one pass in C.
+
+    Built column-compressed, as the labels already are (column j holds a 1 in row labels[j]).
+    """
     n = X.shape[0]
     if n == 0:
         return np.zeros((k, X.shape[1]))
-    onehot = scipy.sparse.csr_matrix((np.ones(n), labels, np.arange(n + 1)), shape=(n, k)).T.tocsr()
+    onehot = scipy.sparse.csc_matrix((np.ones(n), labels, np.arange(n + 1)), shape=(k, n))
     return np.asarray(onehot @ X)
 
 
