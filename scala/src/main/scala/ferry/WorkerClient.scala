@@ -188,8 +188,9 @@ object WorkerClient {
           val data = new Array[Byte](known.available())
           val read = stream.readNBytes(data, 0, data.length)
           if (read == data.length && stream.read() == -1) data
-          else throw Status.INTERNAL.withDescription("a Run response ended before its stated length or ran past it")
-            .asRuntimeException()
+          else throw Status.INTERNAL.withDescription(s"A Run response stated ${data.length} bytes but " +
+            (if (read < data.length) s"ended after $read" else "ran past them") +
+            ": the transport cut or mixed up the message; the task fails and Spark retries it.").asRuntimeException()
         case _ => stream.readAllBytes()
       } finally stream.close()
       parse(bytes)

@@ -151,6 +151,15 @@ class BatchingSuite extends AnyFunSuite with SparkSuite {
       .build().toByteArray
     val cut = intercept[io.grpc.StatusRuntimeException](m.parse(new java.io.ByteArrayInputStream(full.take(50))))
     assert(cut.getStatus.getCode == io.grpc.Status.Code.INTERNAL)
+    // A stream whose stated length is not what it holds.
+    final class Stated(data: Array[Byte], stated: Int) extends java.io.ByteArrayInputStream(data) with io.grpc.KnownLength {
+      override def available(): Int = stated
+    }
+    val short = intercept[io.grpc.StatusRuntimeException](m.parse(new Stated(full, full.length + 10)))
+    assert(short.getStatus.getCode == io.grpc.Status.Code.INTERNAL)
+    assert(short.getStatus.getDescription.contains(s"stated ${full.length + 10} bytes but ended after ${full.length}"))
+    val long = intercept[io.grpc.StatusRuntimeException](m.parse(new Stated(full, full.length - 10)))
+    assert(long.getStatus.getDescription.contains(s"stated ${full.length - 10} bytes but ran past them"))
   }
 
   test("a single row larger than the bytes cap travels alone") {
