@@ -44,3 +44,32 @@ def test_spark_zips_keep_their_directory_and_other_zips_are_reread(tmp_path):
     # Two importers of pyspark.zip (the archive and its package zpkg) were swapped; the module added
     # to it stays unseen, while the user's zip is read again and its new module imports.
     assert res.stdout.split() == ["2", "False", "True", "True"]
+
+
+TASKS = r"""
+import inspect, sys, zipimport
+sys.path.insert(0, sys.argv[1])
+import zpkg.a
+from ferry.spark import convolve_tasks, lopq_tasks, tiles_tasks
+TASKS = [convolve_tasks.compute_rows, convolve_tasks.plan_partition, lopq_tasks.pass_partition,
+         lopq_tasks.blocks_from_arrays, lopq_tasks.blocks_from_arrow, lopq_tasks.encode_batches,
+         tiles_tasks.emit_partition, tiles_tasks.reduce_target]
+for fn in TASKS:
+    sys.path_importer_cache[sys.argv[1]] = zipimport.zipimporter(sys.argv[1])
+    args = [None] * sum(p.default is p.empty for p in inspect.signature(fn).parameters.values())
+    try:
+        next(fn(*args))    # a task's first step; None arguments fail after it
+    except Exception:
+        pass
+    print(fn.__module__.split(".")[-1] + "." + fn.__name__, type(sys.path_importer_cache[sys.argv[1]]).__name__)
+"""
+
+
+def test_every_pyspark_task_keeps_spark_zip_directories(tmp_path):
+    spark_zip = tmp_path / "pyspark.zip"
+    make_zip(spark_zip, "zpkg")
+    res = subprocess.run([sys.executable, "-c", TASKS, str(spark_zip)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")[:-1]
+    assert len(lines) == 8 and all(line.endswith(" _SparkZipImporter") for line in lines), res.stdout

@@ -8,18 +8,21 @@ import pyarrow as pa
 
 from ferry.arrow import column_numpy, complex_from_columns
 from ferry.errors import InputError
+from ferry.spark.zip_imports import keep_spark_zip_directories
 from ferry.stages.convolve import StreamConvolver, runs_of
 
 
 def compute_rows(batches, plan, kernel, mode, n, names):
     """The computing pass as a mapInArrow function: this partition's runs between their halos."""
     from pyspark import TaskContext
+    keep_spark_zip_directories()
     yield from compute_partition(TaskContext.get().partitionId(), plan.value, batches, kernel, mode, n, names)
 
 
 def plan_partition(batches, keep: int, max_runs: int):
     """Planning pass of one partition: its runs, with their first and last `keep` samples."""
     from pyspark import TaskContext
+    keep_spark_zip_directories()
     part = TaskContext.get().partitionId()
     runs: list[list] = []   # [start, length, head list, tail array]
     for b in batches:

@@ -18,6 +18,7 @@ from ferry import errors
 from ferry.stages.lopq import errors as lopq_errors
 from ferry.stages.lopq import train as T
 from ferry.stages.lopq.model import as_vectors
+from ferry.spark.zip_imports import keep_spark_zip_directories
 
 #: Vectors per cached block: the in-process driver's chunk size, so each block is one chunk.
 BLOCK_ROWS = T.DEFAULT_CHUNK_ROWS
@@ -61,9 +62,12 @@ def _blocks(vectors, dim: int, what: str):
 
 
 def guarded(fn):
-    """A partition function whose ferry errors become one error record."""
+    """A partition function whose ferry errors become one error record. It also keeps the reused
+    Python worker from re-reading Spark's zip archives at every task (a training run is dozens
+    of short tasks)."""
     @functools.wraps(fn)    # executors then import it by name instead of receiving its code
     def run(*args, **kwargs):
+        keep_spark_zip_directories()
         try:
             yield from fn(*args, **kwargs)
         except errors.FerryError as e:
@@ -90,6 +94,8 @@ def blocks_from_text(lines, dim: int | None):
 def blocks_from_arrow(batches, column: str, dim: int):
     """mapInArrow: a vector column -> one row of packed vectors per block (or an error row)."""
     from ferry.stages.lopq.stages import vectors_from_column
+
+    keep_spark_zip_directories()
 
     @guarded
     def packed():
@@ -156,6 +162,7 @@ def encode_batches(batches, params: dict, model_bc, coarse_col: str, fine_col: s
     """
     from ferry import registry
 
+    keep_spark_zip_directories()
     proc = registry.get("lopq_encode").open(params, {params["model"]: model_bc.value})
     for b in batches:
         out = proc.process(b)
