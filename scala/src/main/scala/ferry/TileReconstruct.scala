@@ -23,7 +23,7 @@ trait TileReconstructParams extends Params {
   /** scatter (sum of partials; linear operators), gather (halo regions) or auto (default). */
   final val strategy: Param[String] = new Param[String](this, "strategy",
     "scatter (sum of partials; linear operators), gather (halo regions) or auto (default)",
-    (s: String) => Set("scatter", "gather", "auto").contains(s))
+    (s: String) => TileReconstruct.Strategies.contains(s))
 
   /** Neighbourhood radius in tiles; -1 (default) = the operator's own. */
   final val radius: IntParam = new IntParam(this, "radius",
@@ -178,6 +178,11 @@ object TileReconstruct extends DefaultParamsReadable[TileReconstruct] {
   val Reduce = "tiles_reduce"
   val TileColumns: Seq[String] = Seq("image_id", "z", "x", "y", "pixels")
   val GeometryColumns: Seq[String] = Seq("image_height", "image_width", "tile_height", "tile_width")
+  // The values the setters accept, so a bad one fails where it is set. They are the stage
+  // contract's choices (TileReconstructSuite compares them with the worker's Describe), which
+  // checks them again whatever a JVM caller sends.
+  /** Values of `strategy`: the stage contract's `strategy` choices. */
+  val Strategies: Seq[String] = Seq("auto", "scatter", "gather")
   /** Values of `outputDtype`: the stage contract's `output_dtype` choices. */
   val OutputDtypes: Seq[String] = Seq("operator", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
     "uint64", "float32", "float64")

@@ -147,6 +147,19 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     intercept[IllegalArgumentException](rec.setOutputDtype("int12"))
   }
 
+  test("strategy and outputDtype accept exactly the stage contract's choices") {
+    val specs = WorkerPool.get(FerryConf.get(spark)).withClient(_.describe(TileReconstruct.Emit)).spec.getParamsList
+    def choices(name: String): Set[String] = {
+      val p = (0 until specs.size()).map(specs.get).find(_.getName == name).getOrElse(fail(s"no param $name"))
+      (0 until p.getChoicesCount).map(p.getChoices).toSet
+    }
+    assert(TileReconstruct.Strategies.toSet == choices("strategy"))
+    assert(TileReconstruct.OutputDtypes.toSet == choices("output_dtype"))
+    val rec = new TileReconstruct()
+    assert(TileReconstruct.Strategies.forall(rec.strategy.isValid) && !rec.strategy.isValid("nearest"))
+    assert(TileReconstruct.OutputDtypes.forall(rec.outputDtype.isValid) && !rec.outputDtype.isValid("int12"))
+  }
+
   test("TileDemo (the benchmark's Scala job) reports one read per source tile and writes every output tile") {
     val (rec, in, out) = ferry.examples.TileDemo.parse(Seq(store, new File(dir, "demo-out").getAbsolutePath,
       "--operator", "median", "--operator-params", """{"size": 3}""", "--strategy", "gather"))
