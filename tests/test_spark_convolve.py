@@ -155,3 +155,116 @@ def test_save_load_round_trip_in_a_pipeline(spark, tmp_path):
     x = np.arange(20) * (1 + 1j)
     out = loaded.transform(frame(spark, x, "range", 3))
     assert_numpy_equal(out, x, np.array([1.0, 2 - 1j, 3 + 0.5j]), "full")
+
+
+# --- a scan of Parquet files: planned by queries, nothing pinned -------------------------------------------
+
+def write_parquet_series(path, x, files, shuffle_within=None, chunks=(1,)):
+    """x as `files` Parquet files of consecutive ids (file i holds the i-th slice); the rows of
+    file `shuffle_within` in random order; each file in row groups of len/chunks rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.mkdir()
+    bounds = np.linspace(0, x.size, files + 1).astype(int)
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        ids = np.arange(a, b)
+        if i == shuffle_within:
+            ids = np.random.default_rng(i).permutation(ids)
+        t = pa.table({"id": ids, "real": x.real[ids], "imag": x.imag[ids]})
+        pq.write_table(t, path / f"part-{i:03d}.parquet", row_group_size=max(1, (b - a) // chunks[i % len(chunks)]))
+    return str(path)
+
+
+@pytest.fixture
+def file_splits(spark, request):
+    """Spark's file split settings for one test: "split" cuts each file into about 4 KB splits (one
+    per partition), "packed" packs several whole files into each partition (many runs in one)."""
+    keys = ("spark.sql.files.maxPartitionBytes", "spark.sql.files.openCostInBytes")
+    old = {k: spark.conf.get(k) for k in keys}
+    values = {"split": ("4096", "1024"), "packed": ("1m", "1")}.get(request.param)
+    if values:
+        for k, v in zip(keys, values):
+            spark.conf.set(k, v)
+    yield request.param
+    for k, v in old.items():
+        spark.conf.set(k, v)
+
+
+@pytest.mark.parametrize("files,file_splits", [(1, "default"), (2, "split"), (9, "packed")], indirect=["file_splits"])
+@pytest.mark.parametrize("taps,mode", [(1, "same"), (2, "full"), (5, "same"), (64, "valid"), (1000, "same")])
+def test_parquet_scan_is_planned_by_queries_and_equals_numpy(spark, tmp_path, files, file_splits, taps, mode):
+    from ferry.spark.convolve import _plan_file_scan, reads_files_only
+
+    rng = np.random.default_rng(files * 1000 + taps)
+    x = rng.standard_normal(5000) + 1j * rng.standard_normal(5000)
+    k = rng.standard_normal(taps) + 1j * rng.standard_normal(taps)
+    df = spark.read.parquet(write_parquet_series(tmp_path / "s", x, files, chunks=(7, 3)))
+    assert reads_files_only(df)
+    runs = _plan_file_scan(df, taps)
+    assert runs is not None and sum(r.length for r in runs) == x.size
+    per_partition = np.bincount([r.partition for r in runs])
+    if file_splits == "split":
+        assert df.rdd.getNumPartitions() > 10 and per_partition.max() == 1
+    if file_splits == "packed":
+        assert per_partition.max() > 1     # files packed out of id order make several runs per partition
+    assert_numpy_equal(Convolve(kernelReal=k.real.tolist(), kernelImag=k.imag.tolist(), mode=mode).transform(df),
+                       x, k, mode)
+
+
+def test_parquet_file_with_shuffled_rows_takes_the_general_planner(spark, tmp_path):
+    from ferry.spark.convolve import _plan_file_scan
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(3000) + 1j * rng.standard_normal(3000)
+    df = spark.read.parquet(write_parquet_series(tmp_path / "s", x, 3, shuffle_within=1))
+    assert _plan_file_scan(df, 5) is None
+    k = np.array([1.0, -0.5, 0.25, 2.0, 1.0])
+    assert_numpy_equal(Convolve(kernelReal=k.tolist(), mode="full").transform(df), x, k, "full")
+
+
+def test_only_a_plain_file_scan_skips_pinning(spark, tmp_path):
+    from ferry.spark.convolve import reads_files_only
+
+    x = np.arange(100.0) + 0j
+    df = spark.read.parquet(write_parquet_series(tmp_path / "s", x, 2))
+    assert reads_files_only(df) and reads_files_only(df.select("id", (F.col("real") * 2).alias("real"), "imag"))
+    assert not reads_files_only(df.where("id > 3"))
+    assert not reads_files_only(df.repartition(2))
+    assert not reads_files_only(df.union(df))
+    assert not reads_files_only(spark.createDataFrame([(0, 1.0, 0.0)], "id long, real double, imag double"))
+
+
+@pytest.mark.parametrize("column,match", [
+    ("real", "column 'real' holds null values \\(the first at id 7\\)"),
+    ("imag", "column 'imag' holds null values \\(the first at id 7\\)"),
+    ("id", "column 'id' holds null values"),
+])
+def test_parquet_nulls_raise_on_the_driver(spark, tmp_path, column, match):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"id": pa.array(np.arange(20)), "real": pa.array(np.ones(20)), "imag": pa.array(np.zeros(20))}
+    values = cols[column].to_pylist()
+    values[7] = values[12] = None
+    cols[column] = pa.array(values, cols[column].type)
+    (tmp_path / "s").mkdir()
+    pq.write_table(pa.table(cols), tmp_path / "s" / "part-0.parquet")
+    with pytest.raises(InputError, match=match):
+        Convolve(kernelReal=[1.0, 2.0]).transform(spark.read.parquet(str(tmp_path / "s")))
+
+
+@pytest.mark.parametrize("ids,match", [
+    ([0, 1, 3, 4], r"ids 2\.\.2 are missing"),
+    ([0, 1, 1, 2], r"ids 1\.\.1 occur more than once"),
+    ([5, 6, 7], "the smallest id is 5"),
+])
+def test_parquet_bad_ids_raise_on_the_driver(spark, tmp_path, ids, match):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "s").mkdir()
+    pq.write_table(pa.table({"id": ids, "real": [1.0] * len(ids), "imag": [0.0] * len(ids)}),
+                   tmp_path / "s" / "part-0.parquet")
+    with pytest.raises(InputError, match=match):
+        Convolve(kernelReal=[1.0, 2.0]).transform(spark.read.parquet(str(tmp_path / "s")))

@@ -122,13 +122,19 @@ class Convolve(Transformer, DefaultParamsReadable, DefaultParamsWritable):
                              "convolve each micro-batch with foreachBatch, or collect the series first")
         kernel, mode = self.kernel(), self.getMode()
         imag = F.col(self.getImagCol()).cast("double") if self.getImagCol() else F.lit(0.0)
-        # The planning and the computing pass must see the same rows in the same partitions, which
-        # a DataFrame evaluated twice does not promise (repartitionByRange seeds its sampler with
-        # the RDD id, for one): pin the series once; the planning pass materializes it.
-        series = dataset.select(F.col(self.getIdCol()).cast("long").alias("id"),
-                                F.col(self.getRealCol()).cast("double").alias("real"),
-                                imag.alias("imag")).localCheckpoint(eager=False)
-        runs = _plan(series, kernel.size)
+        selected = dataset.select(F.col(self.getIdCol()).cast("long").alias("id"),
+                                  F.col(self.getRealCol()).cast("double").alias("real"),
+                                  imag.alias("imag"))
+        # A scan of files reads the same rows into the same partitions each time: one aggregate
+        # query plans it, Spark reading the columns without Python, and nothing is pinned.
+        runs = _plan_file_scan(selected, kernel.size) if reads_files_only(selected) else None
+        series = selected
+        if runs is None:
+            # The planning and the computing pass must see the same rows in the same partitions,
+            # which any other DataFrame evaluated twice does not promise (repartitionByRange seeds
+            # its sampler with the RDD id, for one): pin the series; the planning pass materializes it.
+            series = selected.localCheckpoint(eager=False)
+            runs = _plan(series, kernel.size)
         if runs is None:
             # Not laid out contiguously (e.g. after repartition(n)): lay it out by id range once.
             series = series.repartitionByRange(max(series.rdd.getNumPartitions(), 1), "id") \
@@ -148,6 +154,99 @@ class Convolve(Transformer, DefaultParamsReadable, DefaultParamsWritable):
                                     names=names)
         arrow_schema = T.StructType([T.StructField(name, f.dataType, False) for name, f in zip(names, out_schema)])
         return series.mapInArrow(compute, arrow_schema)
+
+
+#: Physical operators between a file scan and the selected columns that keep its rows and partitions.
+_ROW_PRESERVING = {"ProjectExec", "ColumnarToRowExec", "WholeStageCodegenExec", "InputAdapter", "FileSourceScanExec"}
+
+
+def reads_files_only(df: DataFrame) -> bool:
+    """Whether df is a file scan with its columns projected (no shuffle, filter or other source):
+    then every evaluation reads the same rows into the same partitions in the same order."""
+    try:
+        nodes, scans = [df._jdf.queryExecution().executedPlan()], 0
+        while nodes:
+            node = nodes.pop()
+            name = node.getClass().getSimpleName()
+            if name not in _ROW_PRESERVING:
+                return False
+            scans += name == "FileSourceScanExec"
+            children = node.children()
+            nodes.extend(children.apply(i) for i in range(children.size()))
+        return scans == 1
+    except Exception:  # a plan this check does not know: plan it the general way
+        return False
+
+
+def _plan_file_scan(series: DataFrame, taps: int) -> list[Run] | None:
+    """The runs of a file scan from one aggregate query (None when a file split holds more than
+    one run: the general planner then finds them), their edge samples from a second, filtered one.
+
+    A partition reads its file splits one after another, so the query groups rows by partition
+    and split: a split is one run when its ids minus their row positions (the low 33 bits of
+    monotonically_increasing_id()) are all equal. Splits of a partition that continue each
+    other (ids and rows) make one run, as the general planner would find it.
+    """
+    pos = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
+    null_id = {c: F.min(F.when(F.col(c).isNull(), F.col("id"))) for c in ("real", "imag")}
+    stats = (series.select(F.spark_partition_id().alias("p"), F.input_file_name().alias("file"),
+                           F.input_file_block_start().alias("block"), pos.alias("pos"), "id", "real", "imag")
+             .groupBy("p", "file", "block")
+             .agg(F.min(F.col("id") - F.col("pos")).alias("lo"), F.max(F.col("id") - F.col("pos")).alias("hi"),
+                  F.min("id").alias("start"), F.min("pos").alias("first"), F.count(F.lit(1)).alias("rows"),
+                  F.count("id").alias("ids"), null_id["real"].alias("null_real"), null_id["imag"].alias("null_imag"))
+             .collect())
+    stats.sort(key=lambda r: (r.p, r.first))
+    for row in stats:
+        if row.ids < row.rows:
+            raise InputError(f"Convolve: column 'id' holds null values (the first in partition {row.p}); drop or "
+                             "fill them")
+        for c in ("real", "imag"):
+            if row[f"null_{c}"] is not None:
+                raise InputError(f"Convolve: column {c!r} holds null values (the first at id {row[f'null_{c}']}); "
+                                 "drop or fill them")
+    if any(row.lo != row.hi for row in stats):
+        return None
+    spans: list[list[int]] = []     # [partition, start id, rows, first row position]
+    for row in stats:
+        last = spans[-1] if spans else None
+        if last and last[0] == row.p and last[1] + last[2] == row.start and last[3] + last[2] == row.first:
+            last[2] += row.rows
+        elif row.rows:
+            spans.append([row.p, row.start, row.rows, row.first])
+    per_partition = np.bincount([sp[0] for sp in spans]) if spans else np.zeros(0, int)
+    if per_partition.size and per_partition.max() > MAX_RUNS_PER_PARTITION:
+        return None
+    keep = taps - 1
+    ids, vals = np.zeros(0, np.int64), np.zeros(0, np.complex128)
+    if keep and spans:
+        # The first and last K = taps - 1 samples of every run, in one filtered scan (Parquet skips
+        # the row groups outside them).
+        cond = None
+        for _, start, length, _ in spans:
+            for lo, hi in ((start, start + min(keep, length)), (start + length - min(keep, length), start + length)):
+                c = (F.col("id") >= lo) & (F.col("id") < hi)
+                cond = c if cond is None else cond | c
+        t = series.where(cond).toArrow()
+        ids = t.column("id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        vals = complex_from_columns(t.column("real").to_numpy(), t.column("imag").to_numpy())[order]
+
+    def samples(lo: int, hi: int) -> np.ndarray:
+        a, b = np.searchsorted(ids, [lo, hi])
+        if b - a != hi - lo:
+            raise InputError(f"The input changed between the planning queries (ids {lo}..{hi - 1}: planned "
+                             f"{hi - lo} rows, found {b - a}); cache or checkpoint it")
+        return vals[a:b]
+
+    index: dict[int, int] = {}
+    runs = []
+    for p, start, length, _ in spans:
+        index[p] = index.get(p, -1) + 1
+        runs.append(Run(p, index[p], start, length, samples(start, start + min(keep, length)),
+                        samples(start + length - min(keep, length), start + length)))
+    return runs
 
 
 def _plan(series: DataFrame, taps: int) -> list[Run] | None:
