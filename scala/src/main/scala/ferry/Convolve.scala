@@ -152,8 +152,13 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
   override def transformSchema(schema: StructType): StructType = {
     checkParams()
     checkColumns(schema)
-    // The worker validates the params too: the one source of truth for the stage.
-    val described = WorkerPool.get(PythonStage.activeConf).withClient(
+    checkWithWorker(PythonStage.activeConf)
+    Convolve.outputSchema($(idCol), $(realCol), outputImagCol)
+  }
+
+  /** The worker validates the params too (the stage contract is the one source of truth). */
+  private def checkWithWorker(conf: FerryConf): Unit = {
+    val described = WorkerPool.get(conf).withClient(
       _.describe(Convolve.Stage, paramsJson(-1L), Some(Convolve.WireSchema)))
     val wire = described.outputSchema.getOrElse(throw new ProtocolException(
       "The worker's Describe of 'convolve' returned no output schema."))
@@ -162,7 +167,6 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
       throw new ProtocolException(s"The worker's 'convolve' stage returns ${wire.simpleString}, expected " +
         "id bigint, real double, imag double: the worker and this jar are different ferry versions.")
     }
-    Convolve.outputSchema($(idCol), $(realCol), outputImagCol)
   }
 
   override def transform(dataset: Dataset[_]): DataFrame = {
@@ -171,7 +175,9 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
         "sample may depend on samples anywhere in the series, so it needs the whole series (ids 0..N-1) at once. " +
         "Collect each complete series first, e.g. convolve inside foreachBatch or on a batch DataFrame.")
     }
-    val outSchema = transformSchema(dataset.schema)
+    checkParams()
+    checkColumns(dataset.schema)
+    val outSchema = Convolve.outputSchema($(idCol), $(realCol), outputImagCol)
     val spark = dataset.sparkSession
     val conf = FerryConf.get(spark)
     val nm = names
@@ -183,6 +189,9 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     val (columns, firstSource) = sourceOf(dataset, selected)
     var source = firstSource
     Convolve.prestartLocal(spark, conf, source.numPartitions)
+    // The worker's check waits for a worker to start (about a second, cold): it runs beside the
+    // planning job, which needs no worker, and its verdict is awaited before the compute job exists.
+    val workerChecked = scala.concurrent.Future(checkWithWorker(conf))(scala.concurrent.ExecutionContext.global)
     // The footers are read on the driver while the planning job runs (they decide whether the
     // value columns need a query for nulls; the planning pass no longer reads those columns).
     val footersClear = columns.filter(_ => !source.planChecksValues).map(df => scala.concurrent.Future(
@@ -202,6 +211,7 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
       val clear = footersClear.exists(f => scala.concurrent.Await.result(f, scala.concurrent.duration.Duration.Inf))
       if (!clear) columns.foreach(Convolve.queryForNullValues(_, nm))
     }
+    scala.concurrent.Await.result(workerChecked, scala.concurrent.duration.Duration.Inf)
     val m = $(mode)
     val l = taps
     val computePlan = ConvolvePlan.computePlan(plans.toSeq, heads, n => haloSizes(n, l, m)._1, k, nm)

@@ -365,6 +365,19 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
     assert(k3.transformSchema(df.schema).fieldNames.toSeq == Seq("id", "real", "imag"))
   }
 
+  test("transform fails with WorkerUnavailableException, before any compute job, when no worker can start") {
+    // The worker's check of the params runs beside the planning job: its failure must still
+    // surface from transform itself, not later from the user's action.
+    val (re, im) = series(50, 5)
+    val df = contiguous(re, im, 2)
+    spark.conf.set(FerryConf.Python, "/nonexistent/python3")
+    try {
+      val e = intercept[WorkerUnavailableException](k3.transform(df))
+      assert(e.getMessage.contains(FerryConf.Python), e.getMessage)
+    } finally spark.conf.set(FerryConf.Python, TestSpark.python)
+    assert(k3.transform(df).count() == 50)
+  }
+
   test("a streaming DataFrame fails with a clear message") {
     val input = MemoryStream[Long](Encoders.scalaLong, spark)
     val df = input.toDF().select(col("value").as("id"), lit(1.0).as("real"), lit(0.0).as("imag"))
