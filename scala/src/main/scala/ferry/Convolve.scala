@@ -188,7 +188,7 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
 
     val (columns, firstSource) = sourceOf(dataset, selected)
     var source = firstSource
-    Convolve.prestartLocal(spark, conf, source.numPartitions)
+    WorkerPool.prestartLocal(spark, conf, source.numPartitions)
     // The worker's check waits for a worker to start (about a second, cold): it runs beside the
     // planning job, which needs no worker, and its verdict is awaited before the compute job exists.
     val workerChecked = scala.concurrent.Future(checkWithWorker(conf))(scala.concurrent.ExecutionContext.global)
@@ -264,15 +264,6 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     StructField(imag, DoubleType, nullable = false)))
 
   override def load(path: String): Convolve = super.load(path)
-
-  /**
-   * In local mode the tasks run in this JVM: start the workers they will borrow now, so that
-   * they come up while the planning pass runs instead of after it.
-   */
-  private[ferry] def prestartLocal(spark: org.apache.spark.sql.SparkSession, conf: FerryConf, partitions: Int): Unit =
-    if (spark.sparkContext.isLocal && partitions > 0) {
-      WorkerPool.get(conf).prestart(math.min(partitions, spark.sparkContext.defaultParallelism))
-    }
 
   private def changed(detail: String) = new InvalidInputException(Stage, "Convolve's input changed between its " +
     s"planning pass and its compute pass: $detail. The DataFrame must give the same rows in the same order each " +

@@ -129,7 +129,7 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       }(Encoders.row(outSchema))
     } else {
       val input = selected.queryExecution.toRdd
-      Convolve.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
+      WorkerPool.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
       val rdd = input.mapPartitions { rows =>
         val counted = rowsIn.fold(rows)(acc => rows.map { r => acc.add(1); r })
         ArrowBatches.rows(runPartition(conf, stage, params, inSchema, counted, resources)(

@@ -151,10 +151,13 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   override def transform(dataset: Dataset[_]): DataFrame = {
     checkOperator()
     checkColumns(dataset.schema)
+    val conf = FerryConf.get(dataset.sparkSession)
+    // The workers (their start takes about a second, cold) come up while the tile-size query runs.
+    WorkerPool.prestartLocal(dataset.sparkSession, conf, dataset.sparkSession.sparkContext.defaultParallelism)
     val tile = tileSize(dataset)
     val params = stageParams(tile)
     val cols = inputCols(dataset.schema)
-    val (emitSchema, outSchema) = describe(WorkerPool.get(FerryConf.get(dataset.sparkSession)), dataset.schema, params)
+    val (emitSchema, outSchema) = describe(WorkerPool.get(conf), dataset.schema, params)
     val reads = dataset.sparkSession.sparkContext.longAccumulator("ferry source tiles read")
     sourceReads = Some(reads)
     val emitted = PythonStage.execute(dataset, TileReconstruct.Emit, params, cols, emitSchema, rowsIn = Some(reads))

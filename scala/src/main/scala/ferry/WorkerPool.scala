@@ -289,6 +289,16 @@ object WorkerPool {
 
   private val pools = new ConcurrentHashMap[FerryConf.PoolKey, WorkerPool]()
 
+  /**
+   * In local mode the tasks run in this JVM: start the workers they will borrow now (one per
+   * partition, at most one per core), so that they come up while the driver's own queries run
+   * (a planning pass, a metadata query) instead of after them.
+   */
+  private[ferry] def prestartLocal(spark: org.apache.spark.sql.SparkSession, conf: FerryConf, partitions: Int): Unit =
+    if (spark.sparkContext.isLocal && partitions > 0) {
+      get(conf).prestart(math.min(partitions, spark.sparkContext.defaultParallelism))
+    }
+
   /** The pool of this JVM for `conf`'s worker settings (python, stages, address, ...). */
   def get(conf: FerryConf): WorkerPool = {
     hook
