@@ -150,9 +150,15 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     "length" -> length))
 
   override def transformSchema(schema: StructType): StructType = {
+    val out = checkedOutputSchema(schema)
+    checkWithWorker(PythonStage.activeConf)
+    out
+  }
+
+  /** The output schema, once the params and the input's columns pass the JVM's own checks. */
+  private def checkedOutputSchema(schema: StructType): StructType = {
     checkParams()
     checkColumns(schema)
-    checkWithWorker(PythonStage.activeConf)
     Convolve.outputSchema($(idCol), $(realCol), outputImagCol)
   }
 
@@ -175,9 +181,7 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
         "sample may depend on samples anywhere in the series, so it needs the whole series (ids 0..N-1) at once. " +
         "Collect each complete series first, e.g. convolve inside foreachBatch or on a batch DataFrame.")
     }
-    checkParams()
-    checkColumns(dataset.schema)
-    val outSchema = Convolve.outputSchema($(idCol), $(realCol), outputImagCol)
+    val outSchema = checkedOutputSchema(dataset.schema)
     val spark = dataset.sparkSession
     val conf = FerryConf.get(spark)
     val nm = names
