@@ -640,6 +640,17 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
                                  "PASS"))
                 else:
                     rows.append((what, "not measured", "not measured"))
+    # The seed target's ceiling: ferry's job reads and writes the same Parquet as the floor does,
+    # so no ferry path can be more times faster than the seed's method than the floor itself is.
+    for proto, sec in PROTOCOLS:
+        for case in result["cases"]:
+            if case["n"] != 1_000_000 or case["taps"] != 5:
+                continue
+            floor, seed = _get(case, "floor"), _get(case, "seed_spark_sql")
+            if sec(floor) and sec(seed):
+                rows.append((f"(ceiling) Spark's floor itself against the seed's method, N=1e6, 5 taps ({proto})",
+                             f"{sec(seed) / sec(floor):.1f}x ({sec(seed):.2f} s vs {sec(floor):.2f} s)",
+                             "the most any job that reads and writes this Parquet can reach"))
     if not rows:
         rows.append(("targets (N=1e7 and N=1e6 cases)", f"not in this run (largest N {big})", "not measured"))
     return rows
