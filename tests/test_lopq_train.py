@@ -112,6 +112,26 @@ def test_a_kmeans_step_any_chunking_equals_single_chunk(data, parts):
     np.testing.assert_allclose(T.kmeans_aggregate(whole, C), want, rtol=1e-12)
 
 
+def test_kmeans_plus_plus_seeds_each_set_of_a_stack_as_it_would_alone():
+    rng = np.random.default_rng(5)
+    sets = rng.standard_normal((3, 396, 6))
+    # The third set: 12 integer points, 33 copies each, two of which differ by 2^-40 in one
+    # coordinate: distinct in float64, one point to the float32 distances that weigh the
+    # sampling. Its 12th centre comes from the exact fallback, not from rounding noise (which
+    # picked a copy of a centre already chosen before the noise floor).
+    pts = rng.integers(-2, 3, size=(12, 6)).astype(float)
+    pts[11] = pts[10]
+    pts[11, 0] += 2.0 ** -40
+    sets[2] = np.repeat(pts, 33, axis=0)
+    stacked = T.kmeans_plus_plus(sets, 12, [np.random.default_rng(b) for b in range(3)])
+    for b in range(3):
+        alone = T.kmeans_plus_plus(sets[b:b + 1], 12, [np.random.default_rng(b)])[0]
+        np.testing.assert_array_equal(stacked[b], alone)
+        assert all((sets[b] == c).all(1).any() for c in alone)      # centres are rows of the set
+        assert np.unique(alone, axis=0).shape[0] == 12               # all different
+    np.testing.assert_array_equal(np.unique(stacked[2], axis=0), np.unique(pts, axis=0))
+
+
 def test_an_empty_cluster_moves_to_a_far_point(data):
     C = np.vstack([data[:3], np.full((1, 16), 1e6)])    # the last centroid attracts nothing
     p = T.kmeans_chunk(data, C)
