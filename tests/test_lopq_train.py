@@ -349,6 +349,24 @@ def test_training_resumes_from_a_partial_model_step_by_step(data):
         fit(data, **{**kw, "V": None}, steps=[2], existing=coarse_only)
 
 
+def test_row_keys_are_stable_spread_and_seeded():
+    # Structured rows (a counter in one column, zeros elsewhere) must still give spread keys:
+    # the sampling takes the smallest keys, so clumps would bias which rows train.
+    X = np.zeros((20000, 16))
+    X[:, 3] = np.arange(20000)
+    keys = T.row_keys(X, 7)
+    assert np.unique(keys).size == 20000
+    top = (keys >> np.uint64(60)).astype(int)       # 16 buckets of the top 4 bits
+    counts = np.bincount(top, minlength=16)
+    chi2 = ((counts - 1250.0) ** 2 / 1250.0).sum()
+    assert chi2 < 40, counts                         # 15 degrees of freedom: p < 0.001 above ~37.7
+    np.testing.assert_array_equal(T.row_keys(X[5:9], 7), keys[5:9])          # a row's key is its own
+    assert not np.array_equal(T.row_keys(X, 8), keys)
+    Y = X.copy()
+    Y[:, 15] = -0.0                                  # only the sign bit of one column differs
+    assert (T.row_keys(Y, 7) != keys).all()
+
+
 @pytest.mark.parametrize("ratio", [0.3, 1.0])
 def test_sampling_keeps_the_same_rows_for_any_chunking(data, ratio):
     whole = T.sample_mask(data, ratio, 9)
