@@ -282,9 +282,9 @@ def _init_size(cfg: TrainConfig, clusters: int) -> int:
     return cfg.init_sample or max(INIT_SAMPLE_PER_CLUSTER * clusters, 1024)
 
 
-def coarse_init_chunk(X: np.ndarray, state: TrainState, halves: np.ndarray | None = None) -> Sample:
+def coarse_init_chunk(X: np.ndarray, state: TrainState, halves: LloydSets | None = None) -> Sample:
     cfg = state.config
-    Y = state.lopq_space(X) if halves is None else np.concatenate(halves, axis=1)
+    Y = state.lopq_space(X) if halves is None else np.concatenate(halves.X, axis=1)
     return sample_keep(row_keys(X, cfg.seed), Y, _init_size(cfg, cfg.V))
 
 
@@ -295,9 +295,9 @@ def coarse_init_aggregate(s: Sample, state: TrainState) -> TrainState:
     return dataclasses.replace(state, Cs=Cs, inertia=None, previous_inertia=None)
 
 
-def sub_init_chunk(X: np.ndarray, state: TrainState, subvectors: np.ndarray | None = None) -> Sample:
+def sub_init_chunk(X: np.ndarray, state: TrainState, subvectors: LloydSets | None = None) -> Sample:
     cfg = state.config
-    Z = local_residuals(X, state) if subvectors is None else np.concatenate(subvectors, axis=1)
+    Z = local_residuals(X, state) if subvectors is None else np.concatenate(subvectors.X, axis=1)
     return sample_keep(row_keys(X, cfg.seed + 1), Z, _init_size(cfg, cfg.subquantizer_clusters))
 
 
@@ -415,51 +415,85 @@ _F32_SAFE_COORD = 1e15
 
 
 def kmeans_chunk(X: np.ndarray, centroids) -> KMeansPartial:
-    return kmeans_chunk_labels(X, centroids)[0]
+    return kmeans_chunks(np.asarray(X)[None], [centroids])[0][0]
 
 
-def assign(X: np.ndarray, cents: Centroids) -> tuple[np.ndarray, np.ndarray]:
+def assign(X: np.ndarray, cents: Centroids, work: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The nearest centroid of every row and its squared distance, for a Lloyd step.
 
     One float32 matmul per block of rows, |c|^2 - 2 x.c, as nearest() starts, but from data and
-    centroids shifted by the centroids' mean: distances do not change, and an offset common to
-    all points (raw features far from 0) no longer eats float32's digits. Unlike nearest() it
-    keeps the float32 winner where two centroids are within rounding of each other: a Lloyd step
-    needs a nearest centroid, and either of two tied ones lowers the inertia alike. The
-    encoder's codes still come from nearest(), which settles such ties in float64. Skipping that
-    check, and computing the distances within the same cache-sized block, made a training run
-    about 16% faster.
+    centroids shifted by the data's mean (``work``: the float32 rows [x - shift, 1] and the
+    shift, from LloydSets, made once for all the steps over the same rows): distances do not
+    change, and an offset common to all points (raw features far from 0) no longer eats
+    float32's digits. Unlike nearest() it keeps the float32 winner where two centroids are
+    within rounding of each other: a Lloyd step needs a nearest centroid, and either of two tied
+    ones lowers the inertia alike. The encoder's codes still come from nearest(), which settles
+    such ties in float64. Skipping that check, and computing the distances within the same
+    cache-sized block, made a training run about 16% faster.
     """
     n, dim = X.shape
     k = cents.C.shape[0]
-    shift = cents.C.mean(axis=0)
+    if n == 0 or k == 1:
+        return _assign_exact(X, cents)
+    Xa, shift = _shifted32(X[None])[0] if work is None else work
     C = cents.C - shift
     sq_c = np.einsum("ij,ij->i", C, C)
-    if n == 0 or k == 1 or not sq_c.max() < _F32_SAFE:
+    if Xa is None or not sq_c.max() < _F32_SAFE:
+        # Squares this large overflow float32: nearest() copes.
         return _assign_exact(X, cents)
     aug = np.vstack([-2.0 * C.T, sq_c[None, :]]).astype(np.float32)
     labels = np.empty(n, dtype=np.intp)
     dists = np.empty(n)
     rows = min(_ASSIGN_BLOCK_ROWS, n)
-    Xa = np.empty((rows, dim + 1), dtype=np.float32)
-    Xa[:, -1] = 1.0
     d = np.empty((rows, k), dtype=np.float32)
     for a in range(0, n, rows):
         m = min(rows, n - a)
-        xs = X[a:a + m] - shift
-        if not np.abs(xs).max() < _F32_SAFE_COORD:
-            # Squares this large overflow float32 (or the block holds NaN): nearest() copes.
-            labels[a:a + m], dists[a:a + m] = _assign_exact(X[a:a + m], cents)
-            continue
-        Xa[:m, :-1] = xs
-        np.matmul(Xa[:m], aug, out=d[:m])
+        np.matmul(Xa[a:a + m], aug, out=d[:m])
         lab = d[:m].argmin(axis=1)
         labels[a:a + m] = lab
         # The distance itself in float64 from the differences: a row's value then does not
         # depend on where the chunking put it (float32 matmul results may), nor do the sums.
-        xs -= C[lab]
-        np.einsum("ij,ij->i", xs, xs, out=dists[a:a + m])
+        diff = X[a:a + m] - cents.C[lab]
+        np.einsum("ij,ij->i", diff, diff, out=dists[a:a + m])
     return labels, dists
+
+
+class LloydSets:
+    """A stack of B sets of rows (B, n, d) that several k-means steps read, set b against its
+    own centroids (the two halves, the M subvectors).
+
+    The steps' float32 working copy, [x - shift, 1] per row with shift its set's mean, is made
+    once, on first use, in one vectorized pass, instead of block by block in every step.
+    """
+
+    __slots__ = ("X", "_work")
+
+    def __init__(self, X: np.ndarray, work: list | None = None):
+        self.X = np.ascontiguousarray(X, dtype=np.float64)
+        self._work = work
+
+    def work(self) -> list[tuple[np.ndarray | None, np.ndarray]]:
+        if self._work is None:
+            self._work = _shifted32(self.X)
+        return self._work
+
+
+def _shifted32(Xs: np.ndarray) -> list[tuple[np.ndarray | None, np.ndarray]]:
+    """Per set of the stack: (float32 rows [x - mean, 1], or None when a coordinate is too large
+    for float32 squares or not finite, and the mean)."""
+    B, n, d = Xs.shape
+    shift = Xs.mean(axis=1) if n else np.zeros((B, d))
+    diff = Xs - shift[:, None, :]
+    out = []
+    for b in range(B):
+        if not (n and np.abs(diff[b]).max() < _F32_SAFE_COORD):
+            out.append((None, shift[b]))
+            continue
+        Xa = np.empty((n, d + 1), dtype=np.float32)
+        Xa[:, :d] = diff[b]
+        Xa[:, d] = 1.0
+        out.append((Xa, shift[b]))
+    return out
 
 
 def _assign_exact(X: np.ndarray, cents: Centroids) -> tuple[np.ndarray, np.ndarray]:
@@ -480,17 +514,33 @@ def cluster_sums(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(onehot @ X)
 
 
-def kmeans_chunk_labels(X: np.ndarray, centroids) -> tuple[KMeansPartial, np.ndarray]:
-    """kmeans_chunk's partial, and the label (nearest centroid) of every row."""
-    cents = centroids if isinstance(centroids, Centroids) else Centroids(centroids)
-    K, d = cents.C.shape
-    X = np.ascontiguousarray(X)  # a column slice: gathers below run several times faster contiguous
-    labels, dists = assign(X, cents)
-    counts = np.bincount(labels, minlength=K).astype(np.int64)
-    sums = cluster_sums(X, labels, K)
-    nf = min(FAR_POINTS, X.shape[0])
-    far = np.argpartition(dists, X.shape[0] - nf)[X.shape[0] - nf:] if nf else np.empty(0, np.intp)
-    return KMeansPartial(counts, sums, float(dists.sum()), dists[far], X[far]), labels
+def kmeans_chunks(sets: "LloydSets | np.ndarray", centroids: Sequence) -> tuple[list[KMeansPartial], np.ndarray]:
+    """The Lloyd partials of a stack of B sets (B, n, d), set b against centroids[b] (each K x d),
+    and every row's label (nearest centroid), as a (B, n) array.
+
+    Each set is assigned on its own; the counts, sums and far points of the whole stack come
+    from one bincount, one sparse product and one argpartition (labels offset by b * K), not B
+    of each: the M subquantizers of a step paid that per-call overhead M times.
+    """
+    sets = sets if isinstance(sets, LloydSets) else LloydSets(sets)
+    Xs, work = sets.X, sets.work()
+    B, n, d = Xs.shape
+    cents = [c if isinstance(c, Centroids) else Centroids(c) for c in centroids]
+    K = cents[0].C.shape[0]
+    labels = np.empty((B, n), dtype=np.intp)
+    dists = np.empty((B, n))
+    for b in range(B):
+        labels[b], dists[b] = assign(Xs[b], cents[b], work[b])
+    flat = (labels + (np.arange(B) * K)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=B * K).astype(np.int64).reshape(B, K)
+    sums = cluster_sums(Xs.reshape(B * n, d), flat, B * K).reshape(B, K, d)
+    nf = min(FAR_POINTS, n)
+    far = np.argpartition(dists, n - nf, axis=1)[:, n - nf:] if nf else np.empty((B, 0), np.intp)
+    far_dists = np.take_along_axis(dists, far, axis=1)
+    far_rows = Xs[np.arange(B)[:, None], far]
+    inertia = dists.sum(axis=1)
+    parts = [KMeansPartial(counts[b], sums[b], float(inertia[b]), far_dists[b], far_rows[b]) for b in range(B)]
+    return parts, labels
 
 
 def kmeans_combine(a: KMeansPartial, b: KMeansPartial) -> KMeansPartial:
@@ -513,9 +563,9 @@ def kmeans_aggregate(p: KMeansPartial, old: np.ndarray) -> np.ndarray:
     return new
 
 
-def coarse_step_chunk(X: np.ndarray, state: TrainState, halves: np.ndarray | None = None) -> tuple[KMeansPartial, ...]:
+def coarse_step_chunk(X: np.ndarray, state: TrainState, halves: LloydSets | None = None) -> tuple[KMeansPartial, ...]:
     halves = lopq_halves(X, state) if halves is None else halves
-    return tuple(kmeans_chunk(halves[h], state.Cs[h]) for h in (0, 1))
+    return tuple(kmeans_chunks(halves, state.Cs)[0])
 
 
 def coarse_step_aggregate(p, state: TrainState) -> TrainState:
@@ -523,9 +573,9 @@ def coarse_step_aggregate(p, state: TrainState) -> TrainState:
     return dataclasses.replace(state, Cs=Cs, previous_inertia=state.inertia, inertia=p[0].inertia + p[1].inertia)
 
 
-def sub_step_chunk(X: np.ndarray, state: TrainState, subvectors: np.ndarray | None = None) -> tuple[KMeansPartial, ...]:
+def sub_step_chunk(X: np.ndarray, state: TrainState, subvectors: LloydSets | None = None) -> tuple[KMeansPartial, ...]:
     subvectors = local_subvectors(X, state) if subvectors is None else subvectors
-    return tuple(kmeans_chunk(subvectors[m], state.subs[m]) for m in range(state.config.M))
+    return tuple(kmeans_chunks(subvectors, state.subs)[0])
 
 
 def sub_step_aggregate(p, state: TrainState) -> TrainState:
@@ -551,14 +601,14 @@ def _split(Y: np.ndarray, parts: int) -> np.ndarray:
     return np.ascontiguousarray(Y.reshape(n, parts, Y.shape[1] // parts).transpose(1, 0, 2))
 
 
-def lopq_halves(X: np.ndarray, state: TrainState) -> np.ndarray:
-    """The two halves of the PCA'd vectors, as a contiguous (2, n, D/2) array."""
-    return _split(state.lopq_space(X), 2)
+def lopq_halves(X: np.ndarray, state: TrainState) -> LloydSets:
+    """The two halves of the PCA'd vectors, as a contiguous (2, n, D/2) stack."""
+    return LloydSets(_split(state.lopq_space(X), 2))
 
 
-def local_subvectors(X: np.ndarray, state: TrainState) -> np.ndarray:
-    """The M subvectors of the local residuals, as a contiguous (M, n, D/M) array."""
-    return _split(local_residuals(X, state), state.config.M)
+def local_subvectors(X: np.ndarray, state: TrainState) -> LloydSets:
+    """The M subvectors of the local residuals, as a contiguous (M, n, D/M) stack."""
+    return LloydSets(_split(local_residuals(X, state), state.config.M))
 
 
 # --- pass: local rotations ---------------------------------------------------------------------------
@@ -572,9 +622,9 @@ class ClusterMoments:
     scatter: np.ndarray   # (2, V, D/2, D/2)
 
 
-def rotations_chunk(X: np.ndarray, state: TrainState, halves: np.ndarray | None = None) -> ClusterMoments:
+def rotations_chunk(X: np.ndarray, state: TrainState, halves: LloydSets | None = None) -> ClusterMoments:
     cfg = state.config
-    halves = lopq_halves(X, state) if halves is None else halves
+    halves = (lopq_halves(X, state) if halves is None else halves).X
     half, V = cfg.D // 2, cfg.V
     counts = np.zeros((2, V), dtype=np.int64)
     means = np.zeros((2, V, half))
@@ -688,8 +738,13 @@ def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tu
     counts = np.diff(bounds, axis=1).astype(np.int64)
     cross = np.zeros((2, V, half, half))
     parts = []
-    # Each subvector's rows contiguous, as the Lloyd step reads them: (M/2, n, d) per half.
+    # Each subvector's rows contiguous, as the Lloyd step reads them: (M/2, n, d) per half, and
+    # its float32 working copy [z, 1]. Residuals are centred on their cluster's mean, so the
+    # copy needs no shift; a rotation keeps their norms, so r's largest coordinate bounds z's.
     Z = np.empty((mh, n, d))
+    Za = np.empty((mh, n, d + 1), dtype=np.float32)
+    Za[..., d] = 1.0
+    no_shift = np.zeros(d)
     # The reconstructions of a half, transposed: (D/2, n), so that each cluster's cross moments
     # are one matmul of a contiguous row block against its residuals.
     Yt = np.empty((half, n))
@@ -702,11 +757,16 @@ def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tu
             # BLAS calls. Each entry is still one dot product over the D/2 coordinates, which
             # OpenBLAS sums in the same order for either shape (models checked bit for bit).
             Z[:, a:b] = (r[a:b] @ Rs[h, v].T).reshape(b - a, mh, d).transpose(1, 0, 2)
+        subs = state.subs[h * mh:(h + 1) * mh]
+        if n and np.sqrt(half) * np.abs(r).max() < _F32_SAFE_COORD:
+            Za[..., :d] = Z
+            sets = LloydSets(Z, [(Za[j], no_shift) for j in range(mh)])
+        else:
+            sets = LloydSets(Z)
+        half_parts, labels = kmeans_chunks(sets, subs)
+        parts.extend(half_parts)
         for j in range(mh):
-            sub = state.subs[h * mh + j]
-            part, labels = kmeans_chunk_labels(Z[j], sub)
-            parts.append(part)
-            Yt[j * d:(j + 1) * d] = sub.T[:, labels]      # the codes' reconstructions of subvector j
+            Yt[j * d:(j + 1) * d] = subs[j].T[:, labels[j]]      # the codes' reconstructions of subvector j
         for v in clusters:
             a, b = bounds[h, v], bounds[h, v + 1]
             cross[h, v] = Yt[:, a:b] @ r[a:b]
