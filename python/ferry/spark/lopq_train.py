@@ -4,8 +4,10 @@ The data is an RDD of vector blocks (packed float64 arrays), cached once. A pass
 training state (float64 npz bytes) by broadcast, runs the pass's ``chunk`` over each partition
 (``mapPartitions``), merges the partials with ``treeReduce(combine, depth=agg_depth)`` and runs
 ``aggregate`` on the driver. The passes, their order and the early stopping are the in-process
-driver's (``train.drive``), and sampling is decided by row hashes, so a seed gives the same
-model here as ``ferry.lopq.fit`` for any partitioning, up to float rounding of the sums.
+driver's (``train.drive``), and sampling is decided by row hashes, so a seed samples the same
+rows and seeds k-means++ alike here and in ``ferry.lopq.fit`` for any partitioning. The models
+are equally good but not equal: the Lloyd steps' float32 near-ties can fall otherwise with
+another partitioning (see ``ferry.stages.lopq.train``).
 """
 from __future__ import annotations
 
