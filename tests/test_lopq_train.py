@@ -1,4 +1,6 @@
 """LOPQ training: each pass's chunk/combine/aggregate triad against the whole data, fit end to end."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -259,8 +261,8 @@ def test_fit_reduces_distortion_step_by_step(data):
     fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, progress=lambda name, state, s: seen.append((name, state.inertia)))
     names = [n for n, _ in seen]
     assert names[:2] == ["pca", "coarse_init"] and "rotations" in names
-    # 12 subquantizer steps: 4 Lloyd steps, then 8 that also refine the rotations.
-    assert names[-12:] == ["sub_step"] * 4 + ["sub_rotation_step"] * 8
+    # The defaults: 12 subquantizer steps over the data, 4 Lloyd steps, then 8 that also refine the rotations.
+    assert names[-13:] == ["sub_init"] + ["sub_step"] * 4 + ["sub_rotation_step"] * 8
     coarse = [i for n, i in seen if n == "coarse_step"]
     sub = [i for n, i in seen if n == "sub_step"]
     refined = [i for n, i in seen if n == "sub_rotation_step"]
@@ -269,6 +271,31 @@ def test_fit_reduces_distortion_step_by_step(data):
     # Lloyd and Procrustes updates from one assignment are not a guaranteed descent together,
     # but the refinement must end well below where the plain Lloyd steps left the distortion.
     assert refined[-1] < 0.97 * sub[-1]
+
+
+def test_sub_init_runs_sample_iters_lloyd_steps_on_its_sample(data):
+    state = trained_state(data, ["pca", "coarse_init", "coarse_step", "rotations"])
+    chunks = random_chunks(data, 3, 3)
+    seeded = run(T.PASSES["sub_init"], chunks, dataclasses.replace(state, config=dataclasses.replace(
+        state.config, sample_iters=0)))
+    stepped = run(T.PASSES["sub_init"], chunks, dataclasses.replace(state, config=dataclasses.replace(
+        state.config, sample_iters=3)))
+    # By hand: the same sample (the rows with the smallest keys), three Lloyd steps from k-means++.
+    sample = T.tree_combine([T.sub_init_chunk(c, state) for c in chunks], T.sample_combine)
+    subs = seeded.subs
+    for _ in range(3):
+        subs = np.stack([T.kmeans_aggregate(T.kmeans_chunk(z, c), c) for z, c in zip(T._split(sample.rows, 4), subs)])
+    np.testing.assert_allclose(stepped.subs, subs, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(stepped.subs, seeded.subs)
+    seen = []
+    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, sample_iters=8, sub_iters=8,
+        progress=lambda name, state, s: seen.append(name))
+    # The sample steps inside sub_init, then 8 steps over the data, all refining rotations
+    # (fewer if they converge: their early stop compares from the second on).
+    tail = seen[seen.index("sub_init") + 1:]
+    assert 2 <= len(tail) <= 8 and set(tail) == {"sub_rotation_step"}
+    with pytest.raises(InvalidParamsError, match=r"sample_iters=-1"):
+        fit(data, V=4, M=4, subquantizer_clusters=16, sample_iters=-1)
 
 
 def test_too_few_points_per_cluster_warns_and_falls_back_to_identity():

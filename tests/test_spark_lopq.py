@@ -70,6 +70,14 @@ def test_sampling_and_float_vectors_equal_in_process(spark, data):
     assert np.abs(model.lopq.subs - fit(X32.astype(np.float64), **SMALL_FIT).subs).max() > 1e-3
 
 
+def test_sample_iters_equal_in_process(spark, data):
+    model = LopqEncoder(**SMALL, sampleIters=3).fit(frame(spark, data, 3))
+    want = fit(data, **SMALL_FIT, sample_iters=3)
+    assert_same_model(model.lopq, want)
+    # The sample steps ran: the model differs from one trained without them.
+    assert np.abs(want.subs - fit(data, **SMALL_FIT).subs).max() > 1e-3
+
+
 def test_transform_equals_lopq_encode_and_keeps_columns(spark, data, in_process):
     model = LopqModel.from_lopq(in_process)
     df = frame(spark, data, 3).withColumnRenamed("vector", "v").withColumn("tag", __import__(

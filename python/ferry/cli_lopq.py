@@ -55,7 +55,9 @@ def add_parser(sub) -> None:
                                         "trains a PCA over all dimensions first")
     p.add_argument("--no_pca", action="store_true", help="quantize the vectors as they are")
     p.add_argument("--coarse_iters", type=int, default=10, help="coarse Lloyd steps at most (10)")
-    p.add_argument("--sub_iters", type=int, default=12, help="subquantizer Lloyd steps at most (12)")
+    p.add_argument("--sub_iters", type=int, default=12, help="subquantizer Lloyd steps over all the data at most (12)")
+    p.add_argument("--sample_iters", type=int, default=0,
+                   help="subquantizer Lloyd steps on the k-means++ sample first, on the driver (0)")
     p.add_argument("--rotation_iters", type=int, default=8,
                    help="of those, the last ones that also refine the local rotations when step 1 runs (8; 0: the "
                         "reference's eigenvector rotations)")
@@ -152,7 +154,7 @@ def cmd_train(args) -> int:
         p = _load_npz(args.pca_params, PCA_PREPARED_KEYS, "a prepared PCA (`ferry lopq pca-prepare --output`)")
         existing = PCA(p["mean"], p["projection"])
     config = dict(seed=args.seed, pca=not args.no_pca, coarse_iters=args.coarse_iters, sub_iters=args.sub_iters,
-                  rotation_iters=args.rotation_iters)
+                  rotation_iters=args.rotation_iters, sample_iters=args.sample_iters)
     kwargs = dict(steps=steps, existing=existing, sampling_ratio=args.sampling_ratio,
                   subquantizer_sampling_ratio=args.subquantizer_sampling_ratio, agg_depth=args.agg_depth)
     # What the parameters alone decide is raised before Spark starts.

@@ -68,11 +68,13 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
                    typeConverter=TypeConverters.toInt)
     coarseIters = Param(Params._dummy(), "coarseIters", "coarse Lloyd steps at most (default 10)",
                         typeConverter=TypeConverters.toInt)
-    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps at most (default 12)",
+    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps over all the data at most (default 12)",
                      typeConverter=TypeConverters.toInt)
     rotationIters = Param(Params._dummy(), "rotationIters", "of those, the last ones that also refine the local "
                           "rotations (default 8; 0: the reference's eigenvector rotations)",
                           typeConverter=TypeConverters.toInt)
+    sampleIters = Param(Params._dummy(), "sampleIters", "subquantizer Lloyd steps on the k-means++ sample first, "
+                        "on the driver (default 0)", typeConverter=TypeConverters.toInt)
     samplingRatio = Param(Params._dummy(), "samplingRatio", "fraction of rows trained on, in (0, 1] (default 1)",
                           typeConverter=TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
@@ -82,12 +84,13 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
                      typeConverter=TypeConverters.toInt)
 
     _DEFAULTS = dict(subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10, subIters=12,
-                     rotationIters=8, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
+                     rotationIters=8, sampleIters=0, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
                      aggDepth=lopq_train.DEFAULT_AGG_DEPTH)
 
     @keyword_only
     def __init__(self, *, V=None, M=None, subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10,
-                 subIters=12, rotationIters=8, samplingRatio=1.0, subquantizerSamplingRatio=1.0, aggDepth=4,
+                 subIters=12, rotationIters=8, sampleIters=0, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
+                 aggDepth=4,
                  vectorCol="vector", idCol="id", coarseCol="coarse", fineCol="fine"):
         super().__init__()
         self._setDefault(**self._DEFAULTS)
@@ -95,7 +98,7 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
 
     @keyword_only
     def setParams(self, *, V=None, M=None, subquantizerClusters=None, seed=None, pca=None, pcaDim=None,
-                  coarseIters=None, subIters=None, rotationIters=None, samplingRatio=None,
+                  coarseIters=None, subIters=None, rotationIters=None, sampleIters=None, samplingRatio=None,
                   subquantizerSamplingRatio=None, aggDepth=None, vectorCol=None, idCol=None, coarseCol=None,
                   fineCol=None):
         return self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None})
@@ -109,6 +112,7 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
     def getCoarseIters(self): return self.getOrDefault(self.coarseIters)
     def getSubIters(self): return self.getOrDefault(self.subIters)
     def getRotationIters(self): return self.getOrDefault(self.rotationIters)
+    def getSampleIters(self): return self.getOrDefault(self.sampleIters)
     def getSamplingRatio(self): return self.getOrDefault(self.samplingRatio)
     def getSubquantizerSamplingRatio(self): return self.getOrDefault(self.subquantizerSamplingRatio)
     def getAggDepth(self): return self.getOrDefault(self.aggDepth)
@@ -126,7 +130,7 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
         return dict(V=self.getV(), M=self.getM(), subquantizer_clusters=self.getSubquantizerClusters(),
                     seed=self.getSeed(), pca=self.getPca(), pca_dim=self.getPcaDim() or None,
                     coarse_iters=self.getCoarseIters(), sub_iters=self.getSubIters(),
-                    rotation_iters=self.getRotationIters(),
+                    rotation_iters=self.getRotationIters(), sample_iters=self.getSampleIters(),
                     sampling_ratio=self.getSamplingRatio(),
                     subquantizer_sampling_ratio=self.getSubquantizerSamplingRatio(), agg_depth=self.getAggDepth())
 

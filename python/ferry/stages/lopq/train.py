@@ -24,7 +24,8 @@ The passes, in order:
     coarse_init  a hash-keyed sample of PCA'd vectors      -> k-means++ centroids for each half
     coarse_step  per-cluster counts and sums, both halves  -> one Lloyd step (x coarse_iters)
     rotations    per-cluster residual moments              -> local rotations R and means mu
-    sub_init     a hash-keyed sample of local residuals    -> k-means++ for each subquantizer
+    sub_init     a hash-keyed sample of local residuals    -> k-means++ for each subquantizer, then
+                                                              sample_iters Lloyd steps on the sample
     sub_step     per-cluster counts and sums, M problems   -> one Lloyd step
     sub_rotation_step  the same, and per-cluster cross moments of residuals and their codes
                                                            -> one Lloyd step and new rotations R
@@ -81,6 +82,7 @@ class TrainConfig:
     coarse_iters: int = 10
     sub_iters: int = 12
     rotation_iters: int = 8
+    sample_iters: int = 0
     tol: float = 1e-4
     init_sample: int | None = None
 
@@ -94,9 +96,10 @@ class TrainConfig:
                 f"pca_dim must lie in 2..{self.D_in} (the input dimension), got {self.pca_dim}"
             )
         check_config(self.D, self.V, self.M, self.subquantizer_clusters, what="LOPQ training")
-        if self.coarse_iters < 0 or self.sub_iters < 0 or self.rotation_iters < 0:
+        if min(self.coarse_iters, self.sub_iters, self.rotation_iters, self.sample_iters) < 0:
             raise InvalidParamsError(f"iteration counts must be >= 0, got coarse_iters={self.coarse_iters}, "
-                                     f"sub_iters={self.sub_iters}, rotation_iters={self.rotation_iters}")
+                                     f"sub_iters={self.sub_iters}, rotation_iters={self.rotation_iters}, "
+                                     f"sample_iters={self.sample_iters}")
 
 
 @dataclasses.dataclass
@@ -312,7 +315,13 @@ def sub_init_aggregate(s: Sample, state: TrainState) -> TrainState:
     cfg = state.config
     S = cfg.subquantizer_clusters
     _require_points(s.rows.shape[0], S, "subquantizer clusters")
-    subs = kmeans_plus_plus(_split(s.rows, cfg.M), S, [_rng(cfg.seed, "sub", m) for m in range(cfg.M)])
+    sample = LloydSets(_split(s.rows, cfg.M))
+    subs = kmeans_plus_plus(sample.X, S, [_rng(cfg.seed, "sub", m) for m in range(cfg.M)])
+    # The first Lloyd steps move the centroids most and can run on the k-means++ sample, already
+    # here: each costs a fraction of a step over the data, and no pass (no job on Spark).
+    for _ in range(cfg.sample_iters):
+        parts, _ = kmeans_chunks(sample, subs)
+        subs = np.stack([kmeans_aggregate(parts[m], subs[m]) for m in range(cfg.M)])
     return dataclasses.replace(state, subs=subs, inertia=None, previous_inertia=None)
 
 
@@ -937,7 +946,7 @@ def sample_mask(X: np.ndarray, ratio: float, seed: int) -> np.ndarray:
 
 def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: int = 256, *, seed: int = 0,
         pca: bool = True, pca_dim: int | None = None, coarse_iters: int = 10, sub_iters: int = 12,
-        rotation_iters: int = 8, tol: float = 1e-4, init_sample: int | None = None,
+        rotation_iters: int = 8, sample_iters: int = 0, tol: float = 1e-4, init_sample: int | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         steps: Sequence[int] = (0, 1, 2), existing: LOPQModel | PCA | None = None, sampling_ratio: float = 1.0,
         subquantizer_sampling_ratio: float = 1.0,
@@ -959,6 +968,11 @@ def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: in
         each cluster's rotation, by orthogonal Procrustes against the codes' reconstructions
         (non-parametric OPQ, alternating with the subquantizers' Lloyd steps). Only when step 1
         runs; 0 keeps the reference's rotations (eigenvectors of the residual covariance).
+    sample_iters : Lloyd steps of the subquantizers on the k-means++ sample (on the driver),
+        before the sub_iters steps over all the data; a fixed count, no early stop. Default 0;
+        sample_iters=8, sub_iters=8 trained the 50,000-vector mixture of
+        benchmarks/lopq/iterations.py 9% faster (4 fewer passes over the data) to the same
+        error; on a set no larger than the sample the sample steps are full steps.
     init_sample : points sampled for k-means++ (default 32 per cluster, at least 1024).
     steps : the reference's training steps to run: 0 coarse (with the PCA), 1 rotations,
         2 subquantizers; the others' parameters come from ``existing``.
@@ -970,7 +984,8 @@ def fit(X, V: int | None = None, M: int | None = None, subquantizer_clusters: in
     """
     chunks = _as_chunks(X, chunk_rows)
     state = initial_state(chunks[0].shape[1], V, M, subquantizer_clusters, seed=seed, pca=pca, pca_dim=pca_dim,
-                          coarse_iters=coarse_iters, sub_iters=sub_iters, rotation_iters=rotation_iters, tol=tol,
+                          coarse_iters=coarse_iters, sub_iters=sub_iters, rotation_iters=rotation_iters,
+                          sample_iters=sample_iters, tol=tol,
                           init_sample=init_sample,
                           existing=existing)
     steps = check_steps(steps, state)

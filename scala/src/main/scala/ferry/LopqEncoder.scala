@@ -28,18 +28,20 @@ trait LopqEncoderParams extends LopqModelParams {
     "points sampled for k-means++; 0 (default) = 32 per cluster", (v: Int) => v >= 0)
   final val coarseIters: IntParam = new IntParam(this, "coarseIters", "Lloyd steps of the coarse k-means at most " +
     "(default 10)", (v: Int) => v >= 0)
-  final val subIters: IntParam = new IntParam(this, "subIters", "Lloyd steps of the subquantizers at most " +
-    "(default 12)", (v: Int) => v >= 0)
+  final val subIters: IntParam = new IntParam(this, "subIters", "Lloyd steps of the subquantizers over all the " +
+    "data at most (default 12)", (v: Int) => v >= 0)
   final val rotationIters: IntParam = new IntParam(this, "rotationIters", "of the subquantizer steps, the last " +
     "ones that also refine the local rotations (orthogonal Procrustes; default 8; 0: the reference's eigenvector " +
     "rotations)", (v: Int) => v >= 0)
+  final val sampleIters: IntParam = new IntParam(this, "sampleIters", "Lloyd steps of the subquantizers on the " +
+    "k-means++ sample, in the sub_init aggregate, before the subIters steps (default 0)", (v: Int) => v >= 0)
   final val tol: DoubleParam = new DoubleParam(this, "tol", "stop the Lloyd steps when the inertia improves by " +
     "less than this fraction (default 1e-4)", (v: Double) => v >= 0)
   final val aggDepth: IntParam = new IntParam(this, "aggDepth", "depth of the tree aggregation of each pass's " +
     "partials (default 2, as the reference's --agg_depth)", (v: Int) => v >= 1)
 
   setDefault(subquantizerClusters -> 256, pca -> true, pcaDim -> 0, seed -> 0, initSample -> 0, coarseIters -> 10,
-    subIters -> 12, rotationIters -> 8, tol -> 1e-4, aggDepth -> 2)
+    subIters -> 12, rotationIters -> 8, sampleIters -> 0, tol -> 1e-4, aggDepth -> 2)
 }
 
 /**
@@ -72,13 +74,15 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
   def setCoarseIters(value: Int): this.type = set(coarseIters, value)
   def setSubIters(value: Int): this.type = set(subIters, value)
   def setRotationIters(value: Int): this.type = set(rotationIters, value)
+  def setSampleIters(value: Int): this.type = set(sampleIters, value)
   def setTol(value: Double): this.type = set(tol, value)
   def setAggDepth(value: Int): this.type = set(aggDepth, value)
 
   private def stageParams(dim: Int, step: String, phase: String, state: String): String = Json.encode(Map(
     "step" -> step, "phase" -> phase, "dim" -> dim, "V" -> $(numCoarseClusters), "M" -> $(numSubquantizers),
     "subquantizer_clusters" -> $(subquantizerClusters), "pca" -> $(pca), "pca_dim" -> $(pcaDim),
-    "seed" -> $(seed), "init_sample" -> $(initSample), "state" -> state, "vector_col" -> $(vectorCol)))
+    "seed" -> $(seed), "init_sample" -> $(initSample), "sample_iters" -> $(sampleIters), "state" -> state,
+    "vector_col" -> $(vectorCol)))
 
   private def required(): Unit = Seq(numCoarseClusters, numSubquantizers).foreach { p =>
     if (!isDefined(p)) {

@@ -23,6 +23,8 @@ class LopqEncoderSuite extends AnyFunSuite with SparkSuite {
       |pq.write_table(pa.table({"id": np.arange(len(X)), "vector": list(X)}), r"$path", row_group_size=500)
       |np.save(r"$dir/X.npy", X)
       |fit(X.astype(np.float64), V=4, M=4, subquantizer_clusters=16, seed=3).save(r"$dir/inprocess.lopq")
+      |fit(X.astype(np.float64), V=4, M=4, subquantizer_clusters=16, seed=3, sample_iters=3).save(
+      |    r"$dir/inprocess-sample.lopq")
       |""".stripMargin)
     path
   }
@@ -56,6 +58,21 @@ class LopqEncoderSuite extends AnyFunSuite with SparkSuite {
         info(s"$parts partition(s): ${report.trim.split("\n").last}")
       }
     } finally vectors.unpersist()
+  }
+
+  test("sampleIters reaches the workers: Spark equals ferry.lopq.fit(sample_iters=3), which differs from 0") {
+    val model = encoder.setSampleIters(3).fit(spark.read.parquet(data).repartition(3))
+    val file = new File(dir, "spark-sample.lopq")
+    java.nio.file.Files.write(file.toPath, model.modelBytes)
+    py(s"""
+      |import numpy as np
+      |from ferry.lopq import LOPQModel
+      |a, b = LOPQModel.load(r"$dir/inprocess-sample.lopq"), LOPQModel.load(r"${file.getAbsolutePath}")
+      |plain = LOPQModel.load(r"$dir/inprocess.lopq")
+      |diff = max(float(np.max(np.abs(getattr(a, n) - getattr(b, n)))) for n in ("Cs", "Rs", "mus", "subs"))
+      |assert diff <= 1e-6, diff
+      |assert float(np.max(np.abs(a.subs - plain.subs))) > 1e-3
+      |""".stripMargin)
   }
 
   test("bad params and data fail with typed errors before training") {
