@@ -115,9 +115,12 @@ BLOCK_ARROW = pa.schema([("block", pa.binary()), ("error", pa.string())])
 
 def sampled(blocks, ratio: float, seed: int):
     """Keeps the rows a sampling ratio keeps; the row hash decides, so any partitioning agrees."""
+    if ratio >= 1.0:
+        # Every row kept: the packed blocks as they are, not unpacked and packed again.
+        yield from blocks
+        return
     for b in blocks:
-        if isinstance(b, tuple) or ratio >= 1.0:
-            # Ratio 1 keeps every row: the packed block as it is, not unpacked and packed again.
+        if isinstance(b, tuple):
             yield b
             continue
         X = unpack(b)

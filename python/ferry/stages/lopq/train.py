@@ -321,7 +321,7 @@ def sub_init_aggregate(s: Sample, state: TrainState) -> TrainState:
     # here: each costs a fraction of a step over the data, and no pass (no job on Spark).
     for _ in range(cfg.sample_iters):
         parts, _ = kmeans_chunks(sample, subs)
-        subs = np.stack([kmeans_aggregate(parts[m], subs[m]) for m in range(cfg.M)])
+        subs = kmeans_aggregates(parts, subs)
     return dataclasses.replace(state, subs=subs, inertia=None, previous_inertia=None)
 
 
@@ -499,14 +499,14 @@ def _shifted32(Xs: np.ndarray) -> list[tuple[np.ndarray | None, np.ndarray]]:
     for float32 squares or not finite, and the mean)."""
     B, n, d = Xs.shape
     shift = Xs.mean(axis=1) if n else np.zeros((B, d))
-    diff = Xs - shift[:, None, :]
     out = []
     for b in range(B):
-        if not (n and np.abs(diff[b]).max() < _F32_SAFE_COORD):
+        diff = Xs[b] - shift[b]     # one set at a time: a float64 copy of one set, not of the stack
+        if not (n and np.abs(diff).max() < _F32_SAFE_COORD):
             out.append((None, shift[b]))
             continue
         Xa = np.empty((n, d + 1), dtype=np.float32)
-        Xa[:, :d] = diff[b]
+        Xa[:, :d] = diff
         Xa[:, d] = 1.0
         out.append((Xa, shift[b]))
     return out
@@ -579,13 +579,18 @@ def kmeans_aggregate(p: KMeansPartial, old: np.ndarray) -> np.ndarray:
     return new
 
 
+def kmeans_aggregates(parts: Sequence[KMeansPartial], olds: np.ndarray) -> np.ndarray:
+    """kmeans_aggregate for a stack: set b's new centroids from parts[b] and olds[b]."""
+    return np.stack([kmeans_aggregate(p, old) for p, old in zip(parts, olds)])
+
+
 def coarse_step_chunk(X: np.ndarray, state: TrainState, halves: LloydSets | None = None) -> tuple[KMeansPartial, ...]:
     halves = lopq_halves(X, state) if halves is None else halves
     return tuple(kmeans_chunks(halves, state.Cs)[0])
 
 
 def coarse_step_aggregate(p, state: TrainState) -> TrainState:
-    Cs = np.stack([kmeans_aggregate(p[h], state.Cs[h]) for h in (0, 1)])
+    Cs = kmeans_aggregates(p, state.Cs)
     return dataclasses.replace(state, Cs=Cs, previous_inertia=state.inertia, inertia=p[0].inertia + p[1].inertia)
 
 
@@ -595,7 +600,7 @@ def sub_step_chunk(X: np.ndarray, state: TrainState, subvectors: LloydSets | Non
 
 
 def sub_step_aggregate(p, state: TrainState) -> TrainState:
-    subs = np.stack([kmeans_aggregate(p[m], state.subs[m]) for m in range(state.config.M)])
+    subs = kmeans_aggregates(p, state.subs)
     return dataclasses.replace(state, subs=subs, previous_inertia=state.inertia,
                                inertia=float(sum(q.inertia for q in p)))
 
@@ -799,7 +804,7 @@ def sub_rotation_step_aggregate(p, state: TrainState) -> TrainState:
     cfg = state.config
     *kp, cm = p
     half = cfg.D // 2
-    subs = np.stack([kmeans_aggregate(kp[m], state.subs[m]) for m in range(cfg.M)])
+    subs = kmeans_aggregates(kp, state.subs)
     Rs = np.array(state.Rs, dtype=np.float64, copy=True)
     for h in (0, 1):
         for v in range(cfg.V):
