@@ -358,11 +358,13 @@ class Bench:
 
     # individual cases
 
-    def spark_case(self, kind: str, n_dir: Path, kernel: Path, ref: np.ndarray | None) -> dict:
+    def spark_case(self, kind: str, n_dir: Path, kernel: Path, ref: np.ndarray | None,
+                   repeats: int | None = None) -> dict:
         out = self.out_dir(kind)
         load = os.getloadavg()[0]
+        repeats = self.args.repeats if repeats is None else repeats
         proc, t = self.child(kind, {"master": "local[2]", "conf": self.spark_conf, "input": str(n_dir),
-                                    "output": str(out), "kernel": str(kernel), "repeats": self.args.repeats},
+                                    "output": str(out), "kernel": str(kernel), "repeats": repeats},
                              self.args.timeout)
         res = {"method": kind, "load1_before": load, **proc}
         if t:
@@ -401,7 +403,11 @@ class Bench:
                        key=os.path.getmtime)
         return Path(found[-1]) if found else None
 
-    def scala_case(self, jar: Path, n_dir: Path, kernel: Path, taps: int, ref: np.ndarray) -> dict:
+    def scala_case(self, jar: Path, n_dir: Path, kernel: Path, taps: int, ref: np.ndarray | None,
+                   repeats: int | None = None, plugin: bool = True) -> dict:
+        """ConvolveDemo under spark-submit; with `plugin`, ferry.FerryPlugin starts the workers with
+        the executor (the README's recommended setup), else the first task's borrow starts them."""
+        repeats = self.args.repeats if repeats is None else repeats
         out = self.out_dir("scala")
         k = np.load(kernel)
         fields = {"input": str(n_dir), "output": str(out), "kernel_npy": str(kernel),
@@ -412,22 +418,25 @@ class Bench:
                "--driver-memory", self.args.driver_memory,
                "--conf", f"spark.ferry.python={self.python}",
                "--conf", "spark.sql.execution.arrow.maxRecordsPerBatch=65536",
+               *(["--conf", "spark.plugins=ferry.FerryPlugin"] if plugin else []),
                "--class", "ferry.examples.ConvolveDemo", "--jars", str(jar), str(jar), *demo_args,
-               "--repeat", str(self.args.repeats)]
+               "--repeat", str(repeats)]
         self.counter += 1
         log = self.logs / f"{self.counter:02d}-scala.log"
         load = os.getloadavg()[0]
         proc = run_process(cmd, log, self.args.timeout, self.env)
-        res = {"method": "ferry_scala", "load1_before": load, **proc}
+        res = {"method": "ferry_scala" if plugin else "ferry_scala_noplugin", "load1_before": load, **proc}
         demos = [json.loads(line[len(RESULT_TAG):]) for line in log.read_text(errors="replace").splitlines()
                  if line.startswith(RESULT_TAG)]
         if demos:
             res["demo"] = demos[0]
             res["runs_s"] = [float(d["seconds"]) for d in demos]
             res["seconds"] = res["runs_s"][0]
-            res["check"] = check_output(out, ref)
-        if demos and len(demos) < self.args.repeats:
-            res["note"] = f"{len(demos)} of {self.args.repeats} runs finished"
+            res["plan_s"] = demos[0].get("plan_seconds")
+            if ref is not None:
+                res["check"] = check_output(out, ref)
+        if demos and len(demos) < repeats:
+            res["note"] = f"{len(demos)} of {repeats} runs finished"
         elif not demos and proc["timed_out"]:
             res["note"] = f"did not finish in {self.args.timeout:.0f} s"
         elif not demos:
@@ -487,15 +496,31 @@ class Bench:
                 else:
                     case["results"].append({"method": "inprocess", **proc})
                 ref = np.load(ref_path) if ref_path.exists() else make_reference(n, taps)
-                for kind in ("floor", "arrow_identity", "ferry_pyspark"):
+                # The target pair, Spark's floor and ferry via Scala, in --cold-runs fresh processes
+                # each, interleaved: one cold run on this machine varies by +-20%. The first round
+                # also makes the warm runs; its Scala output is checked against numpy.
+                floors, scalas = [], []
+                for round_ in range(max(1, a.cold_runs)):
+                    reps = a.repeats if round_ == 0 else 1
+                    self.say(f"N={n:.0e} taps={taps}: floor (cold run {round_ + 1})")
+                    floors.append(self.spark_case("floor", n_dir, kernel, ref, repeats=reps))
+                    self.say(f"  -> {brief(floors[-1])}")
+                    if jar is not None:
+                        self.say(f"N={n:.0e} taps={taps}: ferry via Scala (cold run {round_ + 1})")
+                        scalas.append(self.scala_case(jar, n_dir, kernel, taps, ref if round_ == 0 else None,
+                                                      repeats=reps))
+                        self.say(f"  -> {brief(scalas[-1])}")
+                case["results"].append(median_of_cold_runs(floors))
+                for kind in ("arrow_identity", "ferry_pyspark"):
                     if kind == "arrow_identity" and a.skip_identity:
                         continue
                     self.say(f"N={n:.0e} taps={taps}: {kind}")
                     case["results"].append(self.spark_case(kind, n_dir, kernel, ref))
                     self.say(f"  -> {brief(case['results'][-1])}")
                 if jar is not None:
-                    self.say(f"N={n:.0e} taps={taps}: ferry via Scala")
-                    case["results"].append(self.scala_case(jar, n_dir, kernel, taps, ref))
+                    case["results"].append(median_of_cold_runs(scalas))
+                    self.say(f"N={n:.0e} taps={taps}: ferry via Scala without ferry.FerryPlugin (one cold run)")
+                    case["results"].append(self.scala_case(jar, n_dir, kernel, taps, None, repeats=1, plugin=False))
                     self.say(f"  -> {brief(case['results'][-1])}")
                 if not a.skip_seed:
                     if taps in seed_timed_out_taps and not a.seed_all:
@@ -519,6 +544,22 @@ class Bench:
         result["machine"]["load_at_end"] = list(os.getloadavg())
         shutil.rmtree(self.tmp, ignore_errors=True)
         return result
+
+
+def median_of_cold_runs(runs: list[dict]) -> dict:
+    """One result from fresh-process runs of a case: the first's (warm runs, output check), with
+    seconds and process seconds their medians, peak memory their maximum, and every run listed."""
+    ok = [r for r in runs if r.get("seconds") is not None]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    out["cold_runs_s"] = [r["seconds"] for r in ok]
+    out["seconds"] = float(np.median(out["cold_runs_s"]))
+    out["wall_s"] = float(np.median([r["wall_s"] for r in ok]))
+    out["peak_mb"] = max(r.get("peak_mb", 0) for r in ok)
+    if ok[0].get("plan_s") is not None:
+        out["plan_runs_s"] = [r.get("plan_s") for r in ok]
+    return out
 
 
 def make_reference(n: int, taps: int) -> np.ndarray:
@@ -580,7 +621,8 @@ LABELS = {
     "floor": "Spark floor: read + write Parquet",
     "arrow_identity": "Spark read + mapInArrow identity + write",
     "ferry_pyspark": "ferry via PySpark (ferry.spark.Convolve)",
-    "ferry_scala": "ferry via Scala (ConvolveDemo)",
+    "ferry_scala": "ferry via Scala (ConvolveDemo, ferry.FerryPlugin)",
+    "ferry_scala_noplugin": "ferry via Scala (ConvolveDemo, no plugin: workers start in transform)",
     "seed_spark_sql": "seed's Spark SQL method",
 }
 
@@ -722,7 +764,11 @@ def render_md(result: dict) -> str:
          "Columns: **seconds** = the job, end to end from the first read to the last Parquet file "
          "written, excluding SparkSession start (measured separately: *session s*); for the Scala "
          "path the seconds ConvolveDemo prints; for in-process methods the call on the in-memory "
-         "array (best of up to 3). **process s** = the whole process, JVM start included. **peak MB** = "
+         "array (best of up to 3); for Spark's floor and ferry via Scala the median of `--cold-runs` "
+         "fresh processes run in turn (listed under each table). The Scala path runs with "
+         "`spark.plugins=ferry.FerryPlugin`, which starts the workers while the SparkContext starts (so "
+         "outside *seconds*, inside *process s*); the row without it starts them in the job. "
+         "**process s** = the whole process, JVM start included. **peak MB** = "
          "largest sum of RSS over the case's process tree (driver, JVM, Python workers; sampled every "
          "0.2 s; forked workers' shared pages count once per process); for in-process methods, that "
          "process's peak RSS during the call (input array and libraries included). **x floor** = "
@@ -786,6 +832,15 @@ def render_md(result: dict) -> str:
             warm_cols += f"{sw / w:.1f}" if w and sw else "—"
             L.append(f"| {name} | {_fmt_s(sec)} | {n / sec / 1e6:.2f} | {r.get('peak_mb', 0):.0f} | {xfloor} | "
                      f"{vs_seed} | {warm_cols} | {err_txt} | {_fmt_s(r.get('session_s'))} | {_fmt_s(r.get('wall_s'))} | {_load(r)} |")
+        cold = [(LABELS[m], _get(case, m)) for m in ("floor", "ferry_scala")]
+        cold = [(label, r) for label, r in cold if r and r.get("cold_runs_s")]
+        if cold:
+            L += ["", "Cold runs (fresh processes, in turn; *seconds* is their median): " + "; ".join(
+                f"{label} {' / '.join(f'{x:.2f}' for x in r['cold_runs_s'])} s" for label, r in cold) + "."]
+        fsc = _get(case, "ferry_scala")
+        if fsc and fsc.get("plan_runs_s") and all(x is not None for x in fsc["plan_runs_s"]):
+            L += ["", "ferry via Scala split: `spark.read.parquet` + `transform` (the planning job) "
+                      f"{' / '.join(f'{x:.2f}' for x in fsc['plan_runs_s'])} s of those cold runs."]
         fp = _get(case, "ferry_pyspark")
         if fp and fp.get("plan_s") is not None:
             L += ["", f"ferry via PySpark split: planning pass (`transform`, a read + collect of run edges) "
@@ -833,6 +888,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="cap per case in seconds (default 600)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each Spark case in one session: run 1 = cold, best of the rest = warm (default 3)")
+    p.add_argument("--cold-runs", type=int, default=3,
+                   help="fresh processes of Spark's floor and of ferry via Scala per case, interleaved; their "
+                        "median is the cold time (default 3)")
     p.add_argument("--seed-repeats", type=int, default=2,
                    help="runs of the seed's method in one session (default 2: it is slow)")
     p.add_argument("--driver-memory", default="4g", help="spark.driver.memory for ferry/floor cases (default 4g)")

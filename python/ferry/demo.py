@@ -85,6 +85,7 @@ def check(path: str, want: np.ndarray) -> tuple[float, float]:
 def run_scala(jar: str, inp: str, out: str, kernel: np.ndarray, mode: str, master: str) -> float:
     cmd = [os.path.join(spark_home(), "bin", "spark-submit"), "--master", master,
            "--conf", f"spark.ferry.python={sys.executable}", "--conf", "spark.ui.enabled=false",
+           "--conf", "spark.plugins=ferry.FerryPlugin",  # the workers start with the executor
            "--driver-memory", "2g", "--class", "ferry.examples.ConvolveDemo", jar, inp, out, "--mode", mode,
            "--kernel-real", ",".join(repr(float(v)) for v in kernel.real),
            "--kernel-imag", ",".join(repr(float(v)) for v in kernel.imag)]

@@ -190,6 +190,9 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     val selected = dataset.select(col(s"`${$(idCol)}`").cast(LongType).as("id"),
       col(s"`${$(realCol)}`").cast(DoubleType).as("real"), imagExpr.as("imag"))
 
+    // The worker check below needs one worker: start it before planning the scans (cold, the
+    // query planning takes most of a second), the others once the partitions are known.
+    WorkerPool.prestartLocal(spark, conf, 1)
     val (columns, firstSource) = sourceOf(dataset, selected)
     var source = firstSource
     WorkerPool.prestartLocal(spark, conf, source.numPartitions)

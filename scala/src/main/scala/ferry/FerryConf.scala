@@ -24,6 +24,7 @@ import org.apache.spark.sql.SparkSession
  * | `spark.ferry.worker.pythonPath` | empty | entries prepended to the worker's `PYTHONPATH` (path-separator separated) |
  * | `spark.ferry.worker.logDir` | a temp dir | directory for the workers' stderr logs |
  * | `spark.ferry.worker.startTimeout` | `60s` | how long a new worker may take to report its port |
+ * | `spark.ferry.worker.prestart` | task slots | workers [[FerryPlugin]] (`spark.plugins=ferry.FerryPlugin`) starts with each executor; `0` = none |
  * | `spark.ferry.worker.idleTimeout` | `10min` | a local worker idle for this long is stopped; `0` = never |
  * | `spark.ferry.batch.maxRows` | `65536` | rows per Arrow batch sent to a worker |
  * | `spark.ferry.batch.maxBytes` | `4m` | bytes per Arrow batch message (a single larger row travels alone) |
