@@ -203,7 +203,13 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     // value columns need a query for nulls; the planning pass no longer reads those columns).
     val footersClear = columns.filter(_ => !source.planChecksValues).map(df => scala.concurrent.Future(
       Convolve.footersCountNoNulls(df, df.columns.tail.toSeq))(scala.concurrent.ExecutionContext.global))
-    var (plans, heads) = Convolve.planWithHeads(source, nm, conf.convolveMaxRunsPerPartition, k)
+    // A plain Parquet scan whose footers tile the ids needs no pass over them: only its heads are read.
+    val fromFooters = columns.filter(_ => source.isInstanceOf[Convolve.ColumnarSource])
+      .flatMap(df => ParquetRuns.plans(df, source.numPartitions, conf.convolveMaxRunsPerPartition))
+    var (plans, heads) = fromFooters match {
+      case Some(footerPlans) => (footerPlans, Convolve.headsAnyOrder(source, nm, footerPlans, k))
+      case None => Convolve.planWithHeads(source, nm, conf.convolveMaxRunsPerPartition, k)
+    }
     if (plans.exists(_.abandoned)) {
       val parts = math.max(1, source.numPartitions)
       Convolve.log.info(s"A partition holds more than ${conf.convolveMaxRunsPerPartition} runs of " +
@@ -221,14 +227,15 @@ class Convolve(override val uid: String) extends Transformer with ConvolveParams
     scala.concurrent.Await.result(workerChecked, scala.concurrent.duration.Duration.Inf)
     val m = $(mode)
     val l = taps
-    val computePlan = ConvolvePlan.computePlan(plans.toSeq, heads, n => haloSizes(n, l, m)._1, k, nm)
+    val computePlan = ConvolvePlan.computePlan(plans.toSeq, heads, n => haloSizes(n, l, m)._1, k, nm,
+      inOrder = fromFooters.isEmpty)
     if (computePlan.n == 0) {
       return spark.createDataFrame(java.util.Collections.emptyList[Row](), outSchema)
     }
     val bc = spark.sparkContext.broadcast(computePlan)
     val params = paramsJson(computePlan.n)
     val out = source.chunks(nm).mapPartitionsWithIndex((pid, chunks) =>
-      Convolve.computePartition(pid, chunks, bc, params, conf))
+      Convolve.computePartition(pid, chunks, bc, params, conf, nm.id))
     InternalFrames.create(spark, out, outSchema)
   }
 
@@ -378,9 +385,27 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       hs.iterator.map { case (ri, h) => (p.partition, ri) -> h } }.toMap)
   }
 
+  /**
+   * The heads of runs planned from Parquet footers (see [[ParquetRuns]]): one job whose tasks
+   * read their partition only until their runs' first ids are found (in order: their first rows).
+   */
+  private[ferry] def headsAnyOrder(source: Source, names: Names, plans: Array[PartitionPlan],
+      k: Int): Map[(Int, Int), Head] = FerryException.unwrapping {
+    val wanted = plans.map(p => p.partition -> wantedHeads(p, k)).filter(_._2.nonEmpty).toMap
+    if (wanted.isEmpty) return Map.empty
+    val runsOf = plans.map(p => p.partition -> p.runs).toMap
+    source.chunks(names, forPlanning = true).mapPartitionsWithIndex { (pid, chunks) =>
+      wanted.get(pid) match {
+        case Some(w) => ConvolvePlan.readHeadsAnyOrder(pid, chunks, runsOf(pid), w, changed, names.id)
+          .iterator.map { case (ri, h) => (pid, ri) -> h }
+        case None => Iterator.empty
+      }
+    }.collect().toMap
+  }
+
   /** Streams one partition's runs with their halos through a pooled worker. */
   private[ferry] def computePartition(pid: Int, chunks: Iterator[SampleChunk], bc: Broadcast[ComputePlan],
-      paramsJson: String, conf: FerryConf): Iterator[InternalRow] = {
+      paramsJson: String, conf: FerryConf, idName: String): Iterator[InternalRow] = {
     val runs = bc.value.partitions.getOrElse(pid, Array.empty[RunPlan])
     if (runs.isEmpty) {
       if (chunks.exists(_.n > 0)) throw changed(s"partition $pid was empty when planned and now has rows")
@@ -393,7 +418,8 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     // Fixed-width rows (8 + 8 + 8 bytes and two bits) under both batch caps.
     val rowsPerBatch = math.max(1L, math.min(conf.batchMaxRows.toLong, (conf.batchMaxBytes - 1024) / 25)).toInt
     val output = groups.iterator.zipWithIndex.flatMap { case (group, g) =>
-      val input = new RunMessages(pid, group, cursor, g == lastGroup, rowsPerBatch, runner.bufferAllocator)
+      val input = new RunMessages(pid, group, cursor, g == lastGroup, rowsPerBatch, runner.bufferAllocator,
+        bc.value.inOrder, idName)
       runner.streamMessages(Stage, paramsJson, input.schema, input, input)(
         (reader, msg) => Iterator.single(reader.load(msg)))
     }
@@ -421,7 +447,8 @@ object Convolve extends DefaultParamsReadable[Convolve] {
    * ids the run does not own are flagged halo. Columns are filled in bulk straight from the chunks.
    */
   private final class RunMessages(pid: Int, runs: Array[RunPlan], in: ChunkCursor, checkEnd: Boolean,
-      rowsPerBatch: Int, allocator: BufferAllocator) extends Iterator[ByteString] with AutoCloseable {
+      rowsPerBatch: Int, allocator: BufferAllocator, inOrder: Boolean, idName: String)
+      extends Iterator[ByteString] with AutoCloseable {
     val schema: Schema = ArrowBatches.toArrowSchema(WireSchema, Stage)
     private val root = VectorSchemaRoot.create(schema, allocator)
     private val idV = root.getVector(0).asInstanceOf[BigIntVector]
@@ -436,6 +463,11 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     private var phase = 0 // 0 own samples, 1 the samples after the run
     private var i = 0L // index within the phase
     private var endChecked = false
+    // The rest of the current run placed by id, once its rows came out of order (runs from
+    // Parquet footers only): samples of ids run.start + placedAt + q at q.
+    private var placedRe: Array[Double] = _
+    private var placedIm: Array[Double] = _
+    private var placedAt = 0L
 
     /** Skips finished phases; false when every run is sent (then checks the partition ended too). */
     private def settle(): Boolean = {
@@ -504,32 +536,92 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     private def own(n: Int, p: RunPlan): Int = {
       val run = p.run
       val expected = run.start + i
+      if (placedRe != null) {
+        val m = math.min((rowsPerBatch - n).toLong, run.length - i).toInt
+        val from = (i - placedAt).toInt
+        checkHead(p, placedRe, placedIm, from, m)
+        putSamples(n, expected, placedRe, placedIm, from, m, p)
+        i += m
+        if (i == run.length) { placedRe = null; placedIm = null }
+        return n + m
+      }
       val avail = in.available()
       if (avail == 0) throw changed(s"partition $pid ended before id $expected")
-      val m = math.min(math.min(rowsPerBatch - n, avail).toLong, run.length - i).toInt
+      var m = math.min(math.min(rowsPerBatch - n, avail).toLong, run.length - i).toInt
       val c = in.chunk
       val off = in.pos
       var j = 0
-      while (j < m) {
-        if (c.ids(off + j) != expected + j) {
+      while (j < m && c.ids(off + j) == expected + j) j += 1
+      val outOfOrder = j < m
+      if (outOfOrder) {
+        if (inOrder) {
           throw changed(s"partition $pid gave id ${c.ids(off + j)} where the plan had id ${expected + j}")
         }
-        j += 1
+        m = j // the rows in order so far go now; the rest of the run is placed by id
       }
-      // The head the planning job read (and sent to the run before) must read the same now.
-      var s = i
-      val until = math.min(p.head.re.length.toLong, i + m)
-      while (s < until) {
-        val at = off + (s - i).toInt
-        if (!(sameBits(c.re(at), p.head.re(s.toInt)) && sameBits(c.im(at), p.head.im(s.toInt)))) {
-          throw changed(s"the value of id ${run.start + s} differs")
-        }
-        s += 1
-      }
+      checkHead(p, c.re, c.im, off, m)
       putSamples(n, expected, c.re, c.im, off, m, p)
       in.pos += m
       i += m
+      if (outOfOrder) place(p)
       n + m
+    }
+
+    /** The head the planning job read (and sent to the run before) must read the same now. */
+    private def checkHead(p: RunPlan, re: Array[Double], im: Array[Double], from: Int, m: Int): Unit = {
+      var s = i
+      val until = math.min(p.head.re.length.toLong, i + m)
+      while (s < until) {
+        val at = from + (s - i).toInt
+        if (!(sameBits(re(at), p.head.re(s.toInt)) && sameBits(im(at), p.head.im(s.toInt)))) {
+          throw changed(s"the value of id ${p.run.start + s} differs")
+        }
+        s += 1
+      }
+    }
+
+    /**
+     * Reads the run's remaining rows (as many as the footers count) into arrays by id: each id
+     * in [run.start + i, run.end) exactly once, or the input is not what the footers say.
+     */
+    private def place(p: RunPlan): Unit = {
+      val run = p.run
+      val rest = run.length - i
+      if (rest > Int.MaxValue - 16) {
+        throw new InvalidInputException(Stage, s"partition $pid holds ${run.length} samples with ids out of order " +
+          "in one run; sort the series by id (sortWithinPartitions) before Convolve.")
+      }
+      val base = run.start + i
+      val re = new Array[Double](rest.toInt)
+      val im = new Array[Double](rest.toInt)
+      val seen = new java.util.BitSet(rest.toInt)
+      var got = 0L
+      while (got < rest) {
+        val avail = in.available()
+        if (avail == 0) throw changed(s"partition $pid ended before id ${base + seen.nextClearBit(0)}")
+        val c = in.chunk
+        val off = in.pos
+        val take = math.min(avail.toLong, rest - got).toInt
+        var j = 0
+        while (j < take) {
+          val id = c.ids(off + j)
+          val q = id - base
+          if (q < 0 || q >= rest) {
+            if (id >= run.start && id < base) throw ConvolvePlan.duplicateId(idName, id)
+            throw changed(s"partition $pid gave id $id among the rows of ids [${run.start}, ${run.end})")
+          }
+          if (seen.get(q.toInt)) throw ConvolvePlan.duplicateId(idName, id)
+          seen.set(q.toInt)
+          re(q.toInt) = c.re(off + j)
+          im(q.toInt) = c.im(off + j)
+          j += 1
+        }
+        in.pos += take
+        got += take
+      }
+      placedRe = re
+      placedIm = im
+      placedAt = i
     }
 
     private def sameBits(a: Double, b: Double) =

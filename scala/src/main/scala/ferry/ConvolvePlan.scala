@@ -47,8 +47,12 @@ private[ferry] object ConvolvePlan {
     def lastSent: Long = run.end + extRe.length - 1
   }
 
-  /** The broadcast plan of the compute pass. */
-  final case class ComputePlan(n: Long, partitions: Map[Int, Array[RunPlan]])
+  /**
+   * The broadcast plan of the compute pass. `inOrder`: the planning pass saw every id in order;
+   * false for runs from Parquet footers ([[ParquetRuns]]), whose rows may come in any order
+   * within the run.
+   */
+  final case class ComputePlan(n: Long, partitions: Map[Int, Array[RunPlan]], inOrder: Boolean = true)
 
   /** Column names used in messages. */
   final case class Names(id: String, real: String, imag: String)
@@ -145,13 +149,80 @@ private[ferry] object ConvolvePlan {
   }
 
   /**
+   * [[readHeads]] for runs whose ids may come in any order (runs from Parquet footers): each
+   * run's rows are read until its first `count` ids are all found, which in order is its first
+   * `count` rows. A row of the run outside its ids means the input changed since the footers
+   * were read; an id found twice is a duplicate.
+   */
+  def readHeadsAnyOrder(partition: Int, chunks: Iterator[SampleChunk], runs: Array[RunInfo],
+      wanted: Array[(Int, Long, Int)], changed: String => Exception, idName: String): Array[(Int, Head)] = {
+    val out = ArrayBuffer.empty[(Int, Head)]
+    var w = 0
+    var row = 0L // the current chunk's first row in the partition
+    var re: Array[Double] = null
+    var im: Array[Double] = null
+    var seen: java.util.BitSet = null
+    var found = 0
+    while (w < wanted.length) {
+      if (!chunks.hasNext) {
+        throw changed(s"partition $partition ended after $row rows, before the first ids of the run from " +
+          s"id ${runs(wanted(w)._1).start}")
+      }
+      val c = chunks.next()
+      var at = 0
+      while (at < c.n && w < wanted.length) {
+        val (ri, first, count) = wanted(w)
+        val run = runs(ri)
+        val r = row + at
+        if (r < first) at = math.min(first - row, c.n.toLong).toInt
+        else if (r >= first + run.length) {
+          throw changed(s"partition $partition's rows of ids [${run.start}, ${run.end}) do not hold id " +
+            s"${run.start + (if (seen == null) 0 else seen.nextClearBit(0))}")
+        } else {
+          if (re == null) {
+            re = new Array[Double](count)
+            im = new Array[Double](count)
+            seen = new java.util.BitSet(count)
+            found = 0
+          }
+          val id = c.ids(at)
+          val q = id - run.start
+          if (q < 0 || q >= run.length) {
+            throw changed(s"partition $partition gave id $id among the rows of ids [${run.start}, ${run.end})")
+          }
+          if (q < count) {
+            if (seen.get(q.toInt)) throw duplicateId(idName, id)
+            seen.set(q.toInt)
+            re(q.toInt) = c.reAt(at)
+            im(q.toInt) = c.imAt(at)
+            found += 1
+          }
+          at += 1
+          if (found == count) {
+            out += ri -> Head(re, im)
+            re = null
+            im = null
+            w += 1
+          }
+        }
+      }
+      row += c.n
+    }
+    out.toArray
+  }
+
+  def duplicateId(idName: String, id: Long): InvalidInputException =
+    new InvalidInputException("convolve", s"Column '$idName': ids must be a dense range 0..N-1: duplicate id " +
+      s"$id. Every sample needs exactly one row; drop the duplicates (e.g. dropDuplicates on the id column).")
+
+  /**
    * Checks that the runs of all partitions tile 0..N-1 exactly and builds each run's plan: a run
    * [a, b) sends ids [a, min(N, b + k)) and owns [a + hl, min(N, b + hl)), from 0 for the first run,
    * where hl = `hlFor(N)`.
    * `heads(partition, run index)` is a run's head (for every run not starting at 0).
    */
   def computePlan(plans: Seq[PartitionPlan], heads: Map[(Int, Int), Head], hlFor: Long => Int, k: Int,
-      names: Names): ComputePlan = {
+      names: Names, inOrder: Boolean = true): ComputePlan = {
     val all = plans.flatMap(p => p.runs.indices.map(i => (p.partition, i, p.runs(i)))).sortBy(_._3.start).toArray
     if (all.isEmpty) return ComputePlan(0L, Map.empty)
     val first = all.head._3
@@ -207,7 +278,7 @@ private[ferry] object ConvolvePlan {
       (pid, pos, RunPlan(r, ownFrom, math.min(n, r.end + hl), headOf(idx), extRe, extIm))
     }
     val byPartition = planned.groupBy(_._1).map { case (pid, xs) => pid -> xs.sortBy(_._2).map(_._3).toArray }
-    ComputePlan(n, byPartition)
+    ComputePlan(n, byPartition, inOrder)
   }
 
   /**

@@ -232,6 +232,68 @@ class ConvolveSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  /** The runs the id pass finds in `in` (a Parquet series), per partition. */
+  private def idPassRuns(in: DataFrame): Map[Int, Seq[ConvolvePlan.RunInfo]] = {
+    val names = ConvolvePlan.Names("id", "real", "imag")
+    val source = new Convolve().setKernelReal(Array(1.0)).sourceOf(in, in.select("id", "real", "imag"))._2
+    Convolve.planWithHeads(source, names, Int.MaxValue, 0)._1.map(p => p.partition -> p.runs.toSeq).toMap
+  }
+
+  test("Parquet footers give the runs the id pass finds, over files, row groups and split files") {
+    val (re, im) = series(20000, 8)
+    // Split files (64 KB partitions of ~70 KB files), and whole files packed several to a
+    // partition, largest first (so a partition holds runs out of id order).
+    Seq(("1 file, split", 1, "65536"), ("7 files, split", 7, "65536"), ("7 files, packed", 7, "262144"))
+      .foreach { case (what, files, maxBytes) =>
+        withConf("spark.sql.files.maxPartitionBytes" -> maxBytes, "spark.sql.files.openCostInBytes" -> "1024") {
+          val in = parquet(contiguous(re, im, files), "footers")
+          val parts = in.rdd.getNumPartitions
+          val plans = ParquetRuns.plans(in, parts, Int.MaxValue).getOrElse(fail(s"$what: no plan from the footers"))
+          assert(plans.map(p => p.partition -> p.runs.toSeq).toMap == idPassRuns(in), what)
+          assert(plans.map(_.rows).sum == 20000 && plans.length == parts && parts > 1, what)
+          if (what.endsWith("packed")) assert(plans.exists(_.runs.length > 1), what)
+        }
+      }
+    withConf("spark.sql.files.maxPartitionBytes" -> "65536", "spark.sql.files.openCostInBytes" -> "1024") {
+      // A row group whose ids do not fill its range, a filter, a non-Parquet source: the id pass plans.
+      val gaps = parquet(blocks(re, im, 3, 7, 2L), "footers-gaps")
+      assert(ParquetRuns.plans(gaps, gaps.rdd.getNumPartitions, Int.MaxValue).isEmpty)
+      val in = parquet(contiguous(re, im, 2), "footers-filter")
+      val filtered = in.where(col("id") >= 0)
+      assert(ParquetRuns.plans(filtered, filtered.rdd.getNumPartitions, Int.MaxValue).isEmpty)
+      assert(ParquetRuns.plans(contiguous(re, im, 2), 2, Int.MaxValue).isEmpty)
+      assert(ParquetRuns.plans(in, in.rdd.getNumPartitions + 1, Int.MaxValue).isEmpty)
+      val (kr, ki) = kernel(5, 8)
+      check(gaps, re, im, kr, ki, "same", "Parquet row groups with gaps (id pass)")
+    }
+  }
+
+  test("Parquet row groups holding their ids out of order convolve exactly; a duplicate id fails naming it") {
+    val (re, im) = series(12000, 12)
+    // One row group per file, each file a contiguous range of ids in shuffled order: the footers
+    // say nothing about the order, so each run is placed by id as its rows arrive.
+    val dir = new File(TestSpark.tempDir, s"shuffled-${System.nanoTime()}").getAbsolutePath
+    contiguous(re, im, 1).repartitionByRange(4, col("id")).sortWithinPartitions(org.apache.spark.sql.functions.rand(3))
+      .write.parquet(dir)
+    val in = spark.read.parquet(dir)
+    assert(ParquetRuns.plans(in, in.rdd.getNumPartitions, Int.MaxValue).isDefined)
+    assert(in.select("id").collect().take(50).map(_.getLong(0)).toSeq != (0L until 50L))
+    Seq(1, 2, 5, 64, 1000).foreach { l =>
+      val (kr, ki) = kernel(l, 12)
+      Seq("same", "full", "valid").foreach(m => check(in, re, im, kr, ki, m, s"shuffled row groups, $l taps, $m"))
+    }
+    // Ids 0..5999 with 4000 twice and 4001 missing: the footers' range and count still agree.
+    val dup = new File(TestSpark.tempDir, s"dup-${System.nanoTime()}").getAbsolutePath
+    spark.range(0, 6000, 1, 1).select(when(col("id") === 4001, lit(4000L)).otherwise(col("id")).as("id"),
+      (col("id") * 0.5).as("real"), lit(1.0).as("imag")).write.parquet(dup)
+    val dupIn = spark.read.parquet(dup)
+    assert(ParquetRuns.plans(dupIn, dupIn.rdd.getNumPartitions, Int.MaxValue).isDefined)
+    // One run from id 0: no heads to read, so the compute pass finds it.
+    val e = FerryException.find(intercept[Exception](k3.transform(dupIn).collect())).getOrElse(fail("no FerryException"))
+    assert(e.isInstanceOf[InvalidInputException], e)
+    assert(e.getMessage.contains("duplicate id 4000") && e.getMessage.contains("dropDuplicates"), e.getMessage)
+  }
+
   test("on Parquet the planning pass reads the id column alone, and footers clear the value columns of nulls") {
     val (re, im) = series(9000, 4)
     withConf("spark.sql.files.maxPartitionBytes" -> "65536", "spark.sql.files.openCostInBytes" -> "1024") {
