@@ -332,9 +332,6 @@ object Convolve extends DefaultParamsReadable[Convolve] {
     }
   }
 
-  /** At most this many footers are read on the driver; more files take the query. */
-  private val MaxFootersRead = 256
-
   /** True when `df` reads Parquet files whose every row group counts 0 nulls in `columns`; false when unsure. */
   private[ferry] def footersCountNoNulls(df: DataFrame, columns: Seq[String]): Boolean = try {
     val files = df.inputFiles
@@ -342,7 +339,7 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       case s: org.apache.spark.sql.execution.FileSourceScanExec =>
         s.relation.fileFormat.isInstanceOf[org.apache.spark.sql.execution.datasources.parquet.ParquetFileFormat]
     }.getOrElse(false)
-    if (!parquet || files.isEmpty || files.length > MaxFootersRead) return false
+    if (!parquet || files.isEmpty || files.length > ParquetRuns.MaxFooterReads) return false
     val hconf = df.sparkSession.sparkContext.hadoopConfiguration
     files.forall { f =>
       val reader = org.apache.parquet.hadoop.ParquetFileReader.open(

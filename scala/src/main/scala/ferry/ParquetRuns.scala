@@ -25,8 +25,8 @@ import ferry.ConvolvePlan.{PartitionPlan, RunInfo}
  * row group, so a plan from them is marked unordered: the heads job and the compute pass then
  * place each row by its id ([[ConvolvePlan.readHeadsAnyOrder]], `Convolve.RunMessages`), which
  * costs nothing while the rows do come in order. Any doubt (another format or plan shape, a
- * row group without statistics or with gaps, more files than [[MaxFiles]]) returns None and the
- * id pass plans as before.
+ * row group without statistics or with gaps, more file splits than [[MaxFooterReads]]) returns
+ * None and the id pass plans as before.
  *
  * The row groups of a split are found by the call Spark's own Parquet reader makes
  * (`ParquetFooterReader.buildFilter` on the split's range), so they are the ones the task reads.
@@ -35,8 +35,11 @@ private[ferry] object ParquetRuns {
 
   private val log = LoggerFactory.getLogger(getClass)
 
-  /** Footers are read on the driver, one per file split: above this many, the id pass is cheaper to start. */
-  val MaxFiles = 256
+  /**
+   * Footers are read on the driver, here one per file split and for the null check one per
+   * file: above this many, a job (the id pass, the null query) is cheaper to start.
+   */
+  val MaxFooterReads = 256
 
   /**
    * Each partition's runs of `columns` (id first), as the planning pass would find them, or
@@ -54,7 +57,7 @@ private[ferry] object ParquetRuns {
     val parts = scan.inputRDD.partitions
     if (parts.length != partitions || !parts.forall(_.isInstanceOf[FilePartition])) return None
     val files = parts.map(_.asInstanceOf[FilePartition])
-    if (files.iterator.map(_.files.length).sum > MaxFiles) return None
+    if (files.iterator.map(_.files.length).sum > MaxFooterReads) return None
     val hconf = columns.sparkSession.sparkContext.hadoopConfiguration
     val out = files.map { fp =>
       val runs = ArrayBuffer.empty[RunInfo]
