@@ -596,23 +596,9 @@ object Convolve extends DefaultParamsReadable[Convolve] {
       while (got < rest) {
         val avail = in.available()
         if (avail == 0) throw changed(s"partition $pid ended before id ${base + seen.nextClearBit(0)}")
-        val c = in.chunk
-        val off = in.pos
         val take = math.min(avail.toLong, rest - got).toInt
-        var j = 0
-        while (j < take) {
-          val id = c.ids(off + j)
-          val q = id - base
-          if (q < 0 || q >= rest) {
-            if (id >= run.start && id < base) throw ConvolvePlan.duplicateId(idName, id)
-            throw changed(s"partition $pid gave id $id among the rows of ids [${run.start}, ${run.end})")
-          }
-          if (seen.get(q.toInt)) throw ConvolvePlan.duplicateId(idName, id)
-          seen.set(q.toInt)
-          re(q.toInt) = c.re(off + j)
-          im(q.toInt) = c.im(off + j)
-          j += 1
-        }
+        ConvolvePlan.placeById(in.chunk, in.pos, take, run, base, re, im, seen, idName,
+          id => changed(s"partition $pid gave id $id among the rows of ids [${run.start}, ${run.end})"))
         in.pos += take
         got += take
       }

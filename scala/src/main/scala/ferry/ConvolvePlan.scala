@@ -173,42 +173,60 @@ private[ferry] object ConvolvePlan {
       while (at < c.n && w < wanted.length) {
         val (ri, first, count) = wanted(w)
         val run = runs(ri)
-        val r = row + at
-        if (r < first) at = math.min(first - row, c.n.toLong).toInt
-        else if (r >= first + run.length) {
-          throw changed(s"partition $partition's rows of ids [${run.start}, ${run.end}) do not hold id " +
-            s"${run.start + (if (seen == null) 0 else seen.nextClearBit(0))}")
-        } else {
+        if (row + at < first) at = math.min(first - row, c.n.toLong).toInt
+        else {
           if (re == null) {
             re = new Array[Double](count)
             im = new Array[Double](count)
             seen = new java.util.BitSet(count)
             found = 0
           }
-          val id = c.ids(at)
-          val q = id - run.start
-          if (q < 0 || q >= run.length) {
-            throw changed(s"partition $partition gave id $id among the rows of ids [${run.start}, ${run.end})")
-          }
-          if (q < count) {
-            if (seen.get(q.toInt)) throw duplicateId(idName, id)
-            seen.set(q.toInt)
-            re(q.toInt) = c.reAt(at)
-            im(q.toInt) = c.imAt(at)
-            found += 1
-          }
-          at += 1
+          // The run's rows in this chunk; in order its first `count` rows hold its head.
+          val until = math.min(first + run.length - row, c.n.toLong).toInt
+          found += placeById(c, at, until - at, run, run.start, re, im, seen, idName,
+            id => changed(s"partition $partition gave id $id among the rows of ids [${run.start}, ${run.end})"))
+          at = until
           if (found == count) {
             out += ri -> Head(re, im)
             re = null
             im = null
             w += 1
+          } else if (row + at == first + run.length) {
+            throw changed(s"partition $partition's rows of ids [${run.start}, ${run.end}) do not hold id " +
+              s"${run.start + seen.nextClearBit(0)}")
           }
         }
       }
       row += c.n
     }
     out.toArray
+  }
+
+  /**
+   * Places `take` rows of chunk `c` from row `off`, rows of `run`, by id: the samples of ids
+   * [base, base + re.length) go to `re`/`im` at id - base, each once; ids in [run.start, base)
+   * were placed or sent already, so they are duplicates too; ids past base + re.length are not
+   * wanted here. An id outside the run fails with `notInRun`. Returns the samples placed.
+   */
+  def placeById(c: SampleChunk, off: Int, take: Int, run: RunInfo, base: Long, re: Array[Double],
+      im: Array[Double], seen: java.util.BitSet, idName: String, notInRun: Long => Exception): Int = {
+    var placed = 0
+    var j = 0
+    while (j < take) {
+      val id = c.ids(off + j)
+      if (id < run.start || id >= run.end) throw notInRun(id)
+      val q = id - base
+      if (q < 0) throw duplicateId(idName, id)
+      if (q < re.length) {
+        if (seen.get(q.toInt)) throw duplicateId(idName, id)
+        seen.set(q.toInt)
+        re(q.toInt) = c.reAt(off + j)
+        im(q.toInt) = c.imAt(off + j)
+        placed += 1
+      }
+      j += 1
+    }
+    placed
   }
 
   def duplicateId(idName: String, id: Long): InvalidInputException =
