@@ -61,9 +61,10 @@ def run_both(spark, src, parts, shuffle_parts=0, **params):
 
 
 CONVOLVE_CASES = [  # image shape, tile shape, kernel shape, strategy, radius, input partitions, shuffle partitions
-    ((19, 23), (6, 8), (3, 3), "auto", -1, 3, 0),
+    ((19, 23), (6, 8), (3, 3), "scatter", -1, 3, 0),
     ((30, 17), (7, 5), (4, 2), "gather", 2, 1, 5),
-    ((9, 40), (9, 7), (1, 6), "auto", -1, 2, 3),
+    ((9, 40), (9, 7), (1, 6), "auto", -1, 2, 3),   # auto: gather (region 9x12 <= 2 x 9x7)
+    ((20, 21), (4, 5), (4, 5), "auto", -1, 2, 0),  # auto: scatter (region 7x9 > 2 x 4x5)
 ]
 
 

@@ -173,6 +173,10 @@ DTYPE_CASES = [
     (np.float32, 3, np.float32, 1e-5),
     (np.uint8, 2, np.int64, None),
     (np.complex128, None, np.complex128, 1e-9),
+    # ndimage reads these tiles as they are; byte-swapped and float16 tiles are cast first
+    (np.uint16, 4, np.float32, 1e-5),
+    (np.dtype(">f8"), 2, np.float64, 1e-9),
+    (np.float16, None, np.float32, 1e-5),
 ]
 
 
@@ -810,6 +814,7 @@ def run_stage(name, params, batches):
 STAGE_CASES = [
     ("convolve2d", {"kernel": [[1, 2, 0.5], [3, -1, 2]]}, "auto"),
     ("convolve2d", {"kernel": [[1, 2, 0.5], [3, -1, 2]]}, "gather"),
+    ("convolve2d", {"kernel": [[1, 2, 0.5], [3, -1, 2]]}, "scatter"),
     ("median", {"size": [3, 2]}, "auto"),
     ("threshold_sum", {"threshold": 0.25}, "scatter"),
     ("threshold_sum", {"threshold": 0.25}, "gather"),
@@ -846,6 +851,51 @@ def test_emit_then_reduce_stages_equal_the_in_process_job(op, op_params, strateg
     for b in run_stage("tiles", params, batches):
         whole.update(batch_tiles(b))
     assert set(whole) == set(want) and all(np.array_equal(whole[k], want[k]) for k in want)
+
+
+def test_auto_strategy_per_image_from_its_halo_region():
+    """auto gathers where the halo region is at most twice the tile (a 3x3 kernel on 16x16 tiles:
+    18^2 <= 2 * 16^2) and scatters where it is wider (on 4x4 tiles: 6^2 > 2 * 4^2); a job with
+    both images runs each its own way, in-process and through the emit/reduce stages."""
+    rng = np.random.default_rng(21)
+    k = rng.standard_normal((3, 3))
+    images = {"thin": rng.standard_normal((40, 35)), "wide": rng.standard_normal((10, 13))}
+    tiles = {}
+    grids = {}
+    for name, tile in (("thin", (16, 16)), ("wide", (4, 4))):
+        src = source_of(images[name], tile, image_id=name)
+        tiles.update(src.tiles)
+        grids.update(src.grids)
+    src = MemorySource(tiles, grids)
+    stats = {}
+    got = dict(T.iter_reconstruct(src, "convolve2d", kernel=k, stats=stats))
+    assert stats["strategies"] == {("thin", 0): "gather", ("wide", 0): "scatter"}
+    assert T._strategy(T.get_operator("threshold_sum"), "auto", (16, 16), 1) == "scatter"
+    assert T._strategy(T.get_operator("median", size=3), "auto", (4, 4), 1) == "gather"
+    for name in images:
+        part = {t: v for t, v in got.items() if t.image_id == name}
+        assert rel_err(assemble(part), scipy.signal.convolve2d(images[name], k, "same")) < 1e-12
+    keys = sorted(tiles)
+    batch = tile_batch(tiles, image_height=[grids[t.image].height for t in keys],
+                       image_width=[grids[t.image].width for t in keys],
+                       tile_height=[grids[t.image].tile_height for t in keys],
+                       tile_width=[grids[t.image].tile_width for t in keys])
+    params = {"operator": "convolve2d", "operator_params": {"kernel": k.tolist()}}
+    emitted = pa.Table.from_batches(run_stage("tiles_emit", params, [batch]))
+    # Gather ships the thin image's neighbours as strips; scatter ships target-sized partials.
+    shapes = {(r["image_id"], r["x"], r["y"], r["source_x"], r["source_y"]): decode_tile(r["pixels"]).shape
+              for r in emitted.to_pylist()}
+    assert shapes[("thin", 16, 0, 0, 0)] == (16, 1)   # column 15 of tile (0, 0): target (16, 0)'s left halo
+    assert shapes[("wide", 4, 0, 0, 0)] == (4, 4)
+    # The reduce learns each target's tile size from columns (ferry.spark's emit adds them).
+    ids = emitted.column("image_id").to_pylist()
+    for c in ("tile_height", "tile_width"):
+        emitted = emitted.append_column(c, pa.array([getattr(grids[(i, 0)], c) for i in ids], pa.int64()))
+    reduced = run_stage("tiles_reduce", params, emitted.to_batches(max_chunksize=5))
+    out = {}
+    for b in reduced:
+        out.update(batch_tiles(b))
+    assert set(out) == set(got) and all(np.array_equal(out[t], got[t]) for t in got)
 
 
 def test_stage_image_size_from_params_and_inferred():

@@ -45,12 +45,12 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
     Every source tile is decoded once, in a ``mapInArrow`` that emits its partial (scatter) or
     its piece of each target's halo region (gather); the rows are shuffled by target and each
     target is combined in ``applyInArrow``. Missing tiles count as zeros. What crosses the
-    shuffle depends on the strategy: scatter (``auto`` for linear operators) sends one
-    target-sized partial per (source, target) pair, (2r+1)^2 per source, mostly zeros for a small
-    kernel, except that integer partials of one task bound for the same target travel as one
-    sum (up to ``combineMb`` of sums held per task); gather sends only the part of each source
-    inside each target's halo region, about the input's size: prefer ``strategy="gather"`` for
-    small kernels on large tiles. Params are checked by
+    shuffle depends on the strategy: scatter sends one target-sized partial per (source, target)
+    pair, (2r+1)^2 per source, mostly zeros for a small kernel, except that integer partials of
+    one task bound for the same target travel as one sum (up to ``combineMb`` of sums held per
+    task); gather sends only the part of each source inside each target's halo region, about the
+    input's size. ``auto`` (the default) gathers unless the operator is linear and its halo
+    region is over twice the tile (threshold_sum's whole neighbour tiles). Params are checked by
     the ``tiles_emit`` stage contract on the driver, before data moves; so are duplicate and
     off-grid keys (a query on the key columns only). Errors inside tasks (corrupt bytes, a tile
     of the wrong shape or dtype) reach the driver as ``PythonException``; run the action inside
@@ -72,7 +72,7 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                            typeConverter=TypeConverters.toString)
     kernel = Param(Params._dummy(), "kernel", "convolve2d's kernel as rows of numbers (instead of operatorParams)",
                    typeConverter=_to_kernel)
-    strategy = Param(Params._dummy(), "strategy", "scatter, gather or auto (default)",
+    strategy = Param(Params._dummy(), "strategy", "scatter, gather or auto (default: gather, or scatter for a linear operator whose halo region is over twice the tile, as threshold_sum's)",
                      typeConverter=TypeConverters.toString)
     radius = Param(Params._dummy(), "radius", "neighbourhood radius in tiles; -1 (default) = the operator's",
                    typeConverter=TypeConverters.toInt)

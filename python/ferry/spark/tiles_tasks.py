@@ -131,10 +131,10 @@ def _zeros(row: pa.RecordBatch, params: dict) -> pa.RecordBatch:
     dtype, channels = parse_kind(r["source_kind"])
     op = tiles._operator_from(params)
     grid = tiles.Grid(r["tile_height"], r["tile_width"], r["tile_height"], r["tile_width"])
-    if tiles._strategy(op, params["strategy"]) == "scatter":
+    radius = tiles._radius(op, grid, key.image, None if params["radius"] < 0 else params["radius"])
+    if tiles._strategy(op, params["strategy"], grid.tile_shape, radius) == "scatter":
         out = np.zeros(shape + ((channels,) if channels else ()), op.out_dtype(dtype))
     else:
-        radius = tiles._radius(op, grid, key.image, None if params["radius"] < 0 else params["radius"])
         halo = op.halo(grid.tile_shape, radius)
         region = tiles.stitch(key, shape, {}, halo, dtype=dtype, channels=channels)
         out = tiles.apply(lambda reg: op.region(reg, shape, grid, radius), region, halo, shape)

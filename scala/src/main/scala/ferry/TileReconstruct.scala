@@ -20,9 +20,12 @@ trait TileReconstructParams extends Params {
     "JSON object of the operator's params, e.g. {\"kernel\": [[1, 2], [3, 4]]} or {\"size\": 3} (default {})",
     (s: String) => Json.isObject(s))
 
-  /** scatter (sum of partials; linear operators), gather (halo regions) or auto (default). */
+  /**
+   * scatter (sum of partials; linear operators), gather (halo regions) or auto (default: gather,
+   * or scatter for a linear operator whose halo region is over twice the tile, as threshold_sum's).
+   */
   final val strategy: Param[String] = new Param[String](this, "strategy",
-    "scatter (sum of partials; linear operators), gather (halo regions) or auto (default)",
+    "scatter (sum of partials; linear operators), gather (halo regions) or auto (default: gather, or scatter for a linear operator whose halo region is over twice the tile, as threshold_sum's)",
     (s: String) => TileReconstruct.Strategies.contains(s))
 
   /** Neighbourhood radius in tiles; -1 (default) = the operator's own. */
