@@ -72,7 +72,9 @@ class TileReconstruct(Transformer, DefaultParamsReadable, DefaultParamsWritable)
                            typeConverter=TypeConverters.toString)
     kernel = Param(Params._dummy(), "kernel", "convolve2d's kernel as rows of numbers (instead of operatorParams)",
                    typeConverter=_to_kernel)
-    strategy = Param(Params._dummy(), "strategy", "scatter, gather or auto (default: gather, or scatter for a linear operator whose halo region is over twice the tile, as threshold_sum's)",
+    strategy = Param(Params._dummy(), "strategy",
+                     "scatter, gather or auto (default: gather, or scatter for a linear operator whose halo "
+                     "region is over twice the tile, as threshold_sum's)",
                      typeConverter=TypeConverters.toString)
     radius = Param(Params._dummy(), "radius", "neighbourhood radius in tiles; -1 (default) = the operator's",
                    typeConverter=TypeConverters.toInt)

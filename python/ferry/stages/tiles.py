@@ -1044,9 +1044,10 @@ def iter_reconstruct(source, operator: str | Operator = "threshold_sum", targets
     ``source`` has ``grids`` ({(image_id, z): Grid}), ``exists(key)`` and
     ``read_many(keys) -> iterator of (key, array)``: a :class:`MemorySource`,
     :class:`SyntheticSource` or ``ferry.tiles_store.TileStore``. Targets default to every tile
-    of every image. Each source tile is read exactly once; ``stats['reads']`` counts the reads
+    of every image. Each source tile is read exactly once; ``stats['reads']`` counts the reads,
     ``stats['plan']`` holds the plan and ``stats['strategies']`` the strategy each image ran
-    (``strategy="auto"``: see :data:`SCATTER_MIN_REGION`). Memory holds only the targets still waiting.
+    (``strategy="auto"``: see :data:`SCATTER_MIN_REGION`). Memory holds only the targets still
+    waiting.
     ``output_dtype`` casts each output tile (see :func:`cast_output`); "operator" keeps the
     operator's own dtype (int64 for threshold_sum on int16 tiles, as the seed's np.sum).
     """
@@ -1283,8 +1284,9 @@ _PARAMS = [
     Param("operator", "string", "Operator name: threshold_sum, convolve2d, median, or a registered one."),
     Param("operator_params", "json", "The operator's params, e.g. {\"kernel\": [[1, 2], [3, 4]]} or {\"size\": 3}.",
           default={}),
-    Param("strategy", "string", "scatter (sum of partials; linear operators), gather (halo regions), or "
-          "auto (default: gather, or scatter for a linear operator whose halo region is over twice the tile, as threshold_sum's).",
+    Param("strategy", "string", "scatter (sum of partials; linear operators), gather (halo regions), or auto "
+          "(default: gather, or scatter for a linear operator whose halo region is over twice the tile, as "
+          "threshold_sum's).",
           default="auto", choices=STRATEGIES),
     Param("radius", "int", "Neighbourhood radius in tiles; -1 = the operator's default.", default=-1,
           check=lambda v: None if v >= -1 else "must be >= 0, or -1 for the operator's default"),
