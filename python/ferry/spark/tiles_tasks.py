@@ -130,9 +130,8 @@ def _zeros(row: pa.RecordBatch, params: dict) -> pa.RecordBatch:
     shape = (r["height"], r["width"])
     dtype, channels = parse_kind(r["source_kind"])
     op = tiles._operator_from(params)
-    grid = tiles.Grid(r["tile_height"], r["tile_width"], r["tile_height"], r["tile_width"])
-    radius = tiles._radius(op, grid, key.image, None if params["radius"] < 0 else params["radius"])
-    if tiles._strategy(op, params["strategy"], grid.tile_shape, radius) == "scatter":
+    grid, radius, how = tiles._reduce_plan(op, params, (r["tile_height"], r["tile_width"]), key.image)
+    if how == "scatter":
         out = np.zeros(shape + ((channels,) if channels else ()), op.out_dtype(dtype))
     else:
         halo = op.halo(grid.tile_shape, radius)

@@ -1021,6 +1021,16 @@ def _strategy(op: Operator, strategy: str, tile_shape: tuple[int, int], radius: 
     return "scatter" if region > SCATTER_MIN_REGION * th * tw else "gather"
 
 
+def _reduce_plan(op: Operator, params: dict, tile_shape: tuple[int, int],
+                 image: tuple[str, int]) -> tuple[Grid, int, str]:
+    """What a reduce knows of a target's image, its tile size, gives the rest: a grid of one
+    tile (only the tile size matters to a region), the radius and the strategy, as the emit
+    resolved them from the whole grid."""
+    grid = Grid(*tile_shape, *tile_shape)
+    r = _radius(op, grid, image, None if params["radius"] < 0 else params["radius"])
+    return grid, r, _strategy(op, params["strategy"], grid.tile_shape, r)
+
+
 def _radius(op: Operator, grid: Grid, image: tuple[str, int] | None, radius: int | None) -> int:
     need = op.min_radius(grid.tile_shape)
     if radius is None:
@@ -1597,10 +1607,8 @@ class ReduceStage:
             geometry = self.geometry.get(t)
             if geometry is None:
                 tile_shape = _grid_of_row(row, self.params, need_size=False)
-                grid = Grid(*tile_shape, *tile_shape)  # only the tile size matters to a region
-                r = _radius(self.op, grid, t.image, None if self.params["radius"] < 0 else self.params["radius"])
-                how = _strategy(self.op, self.params["strategy"], tile_shape, r)
-                geometry = self.geometry[t] = ((row["height"], row["width"]), grid, r, how)
+                geometry = self.geometry[t] = ((row["height"], row["width"]),
+                                               *_reduce_plan(self.op, self.params, tile_shape, t.image))
             pieces = self.held.setdefault(t, {})
             if s in pieces:
                 raise TileError(s, f"reached target {t} twice: the input holds duplicate tiles at these "
