@@ -161,3 +161,13 @@ def test_errors_say_what_is_wrong_before_spark_starts(files, tmp_path):
         import re
         assert re.search(match, p.stderr), (args, match, p.stderr[-2000:])
         assert not os.path.exists(tmp_path / "m.lopq")
+
+
+def test_train_help_states_fits_schedule():
+    # The schedule's options default to None (fit's own defaults apply); their help quotes them.
+    out = " ".join(ferry("train", "--help").stdout.split())
+    cfg = T.TrainConfig
+    for option, value in (("coarse_iters", cfg.coarse_iters), ("sub_iters", cfg.sub_iters),
+                          ("sample_iters", cfg.sample_iters), ("rotation_iters", cfg.rotation_iters)):
+        help_text = out.split(f"--{option} {option.upper()}")[-1].split(" --")[0]     # [-1]: past the usage line
+        assert f"default {value}" in help_text, (option, help_text)

@@ -256,12 +256,26 @@ def test_fit_is_the_same_for_any_chunking(data):
         assert (x == y).mean() > 0.999
 
 
+def test_the_default_schedule(data):
+    seen = []
+    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, progress=lambda name, state, s: seen.append(name))
+    assert seen[:2] == ["pca", "coarse_init"] and 1 <= seen.count("coarse_step") <= 10
+    # sub_init (with its 8 steps on the k-means++ sample, the last 4 refining the rotations), then
+    # at most 4 passes over the data, every one refining the rotations too (their early stop
+    # compares from the second on).
+    tail = seen[seen.index("rotations") + 1:]
+    assert tail[0] == "sub_init" and 2 <= len(tail) - 1 <= 4 and set(tail[1:]) == {"sub_rotation_step"}
+    cfg = T.TrainConfig(D_in=16, V=4, M=4)
+    assert (cfg.sub_iters, cfg.rotation_iters, cfg.sample_iters, cfg.coarse_iters) == (4, 4, 8, 10)
+
+
 def test_fit_reduces_distortion_step_by_step(data):
     seen = []
-    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, progress=lambda name, state, s: seen.append((name, state.inertia)))
+    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, sample_iters=0, sub_iters=12, rotation_iters=8,
+        progress=lambda name, state, s: seen.append((name, state.inertia)))
     names = [n for n, _ in seen]
     assert names[:2] == ["pca", "coarse_init"] and "rotations" in names
-    # The defaults: 12 subquantizer steps over the data, 4 Lloyd steps, then 8 that also refine the rotations.
+    # 12 subquantizer steps over the data, 4 Lloyd steps, then 8 that also refine the rotations.
     assert names[-13:] == ["sub_init"] + ["sub_step"] * 4 + ["sub_rotation_step"] * 8
     coarse = [i for n, i in seen if n == "coarse_step"]
     sub = [i for n, i in seen if n == "sub_step"]
@@ -279,16 +293,17 @@ def test_sub_init_runs_sample_iters_lloyd_steps_on_its_sample(data):
     seeded = run(T.PASSES["sub_init"], chunks, dataclasses.replace(state, config=dataclasses.replace(
         state.config, sample_iters=0)))
     stepped = run(T.PASSES["sub_init"], chunks, dataclasses.replace(state, config=dataclasses.replace(
-        state.config, sample_iters=3)))
+        state.config, sample_iters=3, rotation_iters=0)))
     # By hand: the same sample (the rows with the smallest keys), three Lloyd steps from k-means++.
     sample = T.tree_combine([T.sub_init_chunk(c, state) for c in chunks], T.sample_combine)
     subs = seeded.subs
     for _ in range(3):
-        subs = np.stack([T.kmeans_aggregate(T.kmeans_chunk(z, c), c) for z, c in zip(T._split(sample.rows, 4), subs)])
+        subs = np.stack([T.kmeans_aggregate(T.kmeans_chunk(z, c), c)
+                         for z, c in zip(T._split(T.local_residuals(sample.rows, state), 4), subs)])
     np.testing.assert_allclose(stepped.subs, subs, rtol=1e-12, atol=1e-12)
     assert not np.allclose(stepped.subs, seeded.subs)
     seen = []
-    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, sample_iters=8, sub_iters=8,
+    fit(data, V=4, M=4, subquantizer_clusters=16, seed=0, sample_iters=8, sub_iters=8, rotation_iters=8,
         progress=lambda name, state, s: seen.append(name))
     # The sample steps inside sub_init, then 8 steps over the data, all refining rotations
     # (fewer if they converge: their early stop compares from the second on).
@@ -296,6 +311,34 @@ def test_sub_init_runs_sample_iters_lloyd_steps_on_its_sample(data):
     assert 2 <= len(tail) <= 8 and set(tail) == {"sub_rotation_step"}
     with pytest.raises(InvalidParamsError, match=r"sample_iters=-1"):
         fit(data, V=4, M=4, subquantizer_clusters=16, sample_iters=-1)
+
+
+def test_sub_init_refines_the_rotations_on_its_sample_in_its_last_rotation_iters_steps(data):
+    state = trained_state(data, ["pca", "coarse_init", "coarse_step", "rotations"])
+    chunks = random_chunks(data, 3, 4)
+    with_config = lambda **kw: dataclasses.replace(state, config=dataclasses.replace(state.config, **kw))
+    seeded = run(T.PASSES["sub_init"], chunks, with_config(sample_iters=0))
+    got = run(T.PASSES["sub_init"], chunks, with_config(sample_iters=5, rotation_iters=2))
+    # By hand: 3 Lloyd steps on the sample (the rows with the smallest keys), then 2
+    # sub_rotation_step passes with the sample as their one chunk.
+    sample = T.tree_combine([T.sub_init_chunk(c, state) for c in chunks], T.sample_combine)
+    subs = seeded.subs
+    for _ in range(3):
+        subs = np.stack([T.kmeans_aggregate(T.kmeans_chunk(z, c), c)
+                         for z, c in zip(T._split(T.local_residuals(sample.rows, state), 4), subs)])
+    want = dataclasses.replace(state, subs=subs)
+    for _ in range(2):
+        want = run(T.PASSES["sub_rotation_step"], [sample.rows], want)
+    for name in ("subs", "Rs"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(got.Rs, state.Rs, atol=1e-3)
+    assert got.inertia is None          # the data's steps start their convergence test afresh
+    # rotation_iters=0 (or rotations given, not trained: fit with steps without 1) keeps them.
+    kept = run(T.PASSES["sub_init"], chunks, with_config(sample_iters=5, rotation_iters=0))
+    np.testing.assert_array_equal(kept.Rs, state.Rs)
+    given = fit(data, V=4, M=4, subquantizer_clusters=16, seed=1)
+    again = fit(data, M=4, subquantizer_clusters=16, seed=1, steps=[2], existing=given, sample_iters=8)
+    np.testing.assert_array_equal(again.Rs, given.Rs)
 
 
 def test_too_few_points_per_cluster_warns_and_falls_back_to_identity():

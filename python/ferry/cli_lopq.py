@@ -54,13 +54,16 @@ def add_parser(sub) -> None:
     p.add_argument("--pca_params", help="a prepared PCA (`ferry lopq pca-prepare`) to apply; by default step 0 "
                                         "trains a PCA over all dimensions first")
     p.add_argument("--no_pca", action="store_true", help="quantize the vectors as they are")
-    p.add_argument("--coarse_iters", type=int, default=10, help="coarse Lloyd steps at most (10)")
-    p.add_argument("--sub_iters", type=int, default=12, help="subquantizer Lloyd steps over all the data at most (12)")
-    p.add_argument("--sample_iters", type=int, default=0,
-                   help="subquantizer Lloyd steps on the k-means++ sample first, on the driver (0)")
-    p.add_argument("--rotation_iters", type=int, default=8,
-                   help="of those, the last ones that also refine the local rotations when step 1 runs (8; 0: the "
-                        "reference's eigenvector rotations)")
+    # The schedule's defaults are fit()'s (TrainConfig): None here leaves them to it, and keeps
+    # the training module out of every `ferry` command's start-up.
+    p.add_argument("--coarse_iters", type=int, help="coarse Lloyd steps at most (default 10)")
+    p.add_argument("--sub_iters", type=int, help="subquantizer Lloyd steps over all the data at most (default 4)")
+    p.add_argument("--sample_iters", type=int,
+                   help="subquantizer Lloyd steps on the k-means++ sample first, on the driver; the last "
+                        "rotation_iters of them also refine the rotations (default 8)")
+    p.add_argument("--rotation_iters", type=int,
+                   help="of the sub_iters steps, the last ones that also refine the local rotations when step 1 "
+                        "runs (default 4; 0: the reference's eigenvector rotations)")
     p.add_argument("--agg_depth", type=int, default=4, help="depth of tree aggregation (default 4)")
     p.add_argument("--model", required=True, help="output .lopq file (LOPQModelParams protobuf)")
     p.set_defaults(func=run, lopq_func=cmd_train)
@@ -153,8 +156,9 @@ def cmd_train(args) -> int:
     elif args.pca_params:
         p = _load_npz(args.pca_params, PCA_PREPARED_KEYS, "a prepared PCA (`ferry lopq pca-prepare --output`)")
         existing = PCA(p["mean"], p["projection"])
-    config = dict(seed=args.seed, pca=not args.no_pca, coarse_iters=args.coarse_iters, sub_iters=args.sub_iters,
-                  rotation_iters=args.rotation_iters, sample_iters=args.sample_iters)
+    schedule = dict(coarse_iters=args.coarse_iters, sub_iters=args.sub_iters, rotation_iters=args.rotation_iters,
+                    sample_iters=args.sample_iters)
+    config = dict(seed=args.seed, pca=not args.no_pca, **{k: v for k, v in schedule.items() if v is not None})
     kwargs = dict(steps=steps, existing=existing, sampling_ratio=args.sampling_ratio,
                   subquantizer_sampling_ratio=args.subquantizer_sampling_ratio, agg_depth=args.agg_depth)
     # What the parameters alone decide is raised before Spark starts.

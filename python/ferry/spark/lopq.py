@@ -14,6 +14,7 @@ from pyspark.sql import types as ST
 
 from ferry.errors import InvalidParamsError, SchemaError
 from ferry.spark import lopq_tasks, lopq_train
+from ferry.stages.lopq import train as T
 from ferry.stages.lopq.model import LOPQModel
 
 log = logging.getLogger("ferry.lopq")
@@ -68,13 +69,14 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
                    typeConverter=TypeConverters.toInt)
     coarseIters = Param(Params._dummy(), "coarseIters", "coarse Lloyd steps at most (default 10)",
                         typeConverter=TypeConverters.toInt)
-    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps over all the data at most (default 12)",
+    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps over all the data at most (default 4)",
                      typeConverter=TypeConverters.toInt)
     rotationIters = Param(Params._dummy(), "rotationIters", "of those, the last ones that also refine the local "
-                          "rotations (default 8; 0: the reference's eigenvector rotations)",
+                          "rotations (default 4; 0: the reference's eigenvector rotations)",
                           typeConverter=TypeConverters.toInt)
     sampleIters = Param(Params._dummy(), "sampleIters", "subquantizer Lloyd steps on the k-means++ sample first, "
-                        "on the driver (default 0)", typeConverter=TypeConverters.toInt)
+                        "on the driver; the last rotationIters of them also refine the rotations (default 8)",
+                        typeConverter=TypeConverters.toInt)
     samplingRatio = Param(Params._dummy(), "samplingRatio", "fraction of rows trained on, in (0, 1] (default 1)",
                           typeConverter=TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
@@ -83,13 +85,15 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
     aggDepth = Param(Params._dummy(), "aggDepth", "depth of the tree aggregation (default 4)",
                      typeConverter=TypeConverters.toInt)
 
-    _DEFAULTS = dict(subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10, subIters=12,
-                     rotationIters=8, sampleIters=0, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
+    # The schedule's defaults are fit()'s.
+    _DEFAULTS = dict(subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=T.TrainConfig.coarse_iters,
+                     subIters=T.TrainConfig.sub_iters, rotationIters=T.TrainConfig.rotation_iters,
+                     sampleIters=T.TrainConfig.sample_iters, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
                      aggDepth=lopq_train.DEFAULT_AGG_DEPTH)
 
     @keyword_only
-    def __init__(self, *, V=None, M=None, subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=10,
-                 subIters=12, rotationIters=8, sampleIters=0, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
+    def __init__(self, *, V=None, M=None, subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=None,
+                 subIters=None, rotationIters=None, sampleIters=None, samplingRatio=1.0, subquantizerSamplingRatio=1.0,
                  aggDepth=4,
                  vectorCol="vector", idCol="id", coarseCol="coarse", fineCol="fine"):
         super().__init__()

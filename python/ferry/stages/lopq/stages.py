@@ -183,7 +183,8 @@ def _config(params: dict) -> T.TrainConfig:
     return T.TrainConfig(D_in=params["dim"], V=params["V"], M=params["M"],
                          subquantizer_clusters=params["subquantizer_clusters"], pca=params["pca"],
                          pca_dim=params["pca_dim"] or None, seed=params["seed"],
-                         init_sample=params["init_sample"] or None, sample_iters=params["sample_iters"])
+                         init_sample=params["init_sample"] or None, sample_iters=params["sample_iters"],
+                         rotation_iters=params["rotation_iters"])
 
 
 def _positive(v):
@@ -205,7 +206,11 @@ def _positive(v):
         Param("pca_dim", "int", "Principal axes kept; 0 keeps all.", default=0),
         Param("seed", "int", "Seed of sampling and k-means++.", default=0),
         Param("init_sample", "int", "Points sampled for k-means++; 0: 32 per cluster.", default=0),
-        Param("sample_iters", "int", "Subquantizer Lloyd steps on the k-means++ sample (step sub_init).", default=0),
+        Param("sample_iters", "int", "Subquantizer Lloyd steps on the k-means++ sample (step sub_init).",
+              default=T.TrainConfig.sample_iters),
+        Param("rotation_iters", "int", "Of those, the last ones that also refine the rotations (step sub_init; 0 "
+                                       "when the rotations are given, not trained).",
+              default=T.TrainConfig.rotation_iters),
         Param("state", "string", "Digest of the training state resource (empty for the pca pass).", default=""),
         Param("vector_col", "string", "Vector column (phase chunk).", default="vector"),
     ],
@@ -217,11 +222,12 @@ class LopqTrainStage:
     """One LOPQ training pass as a reduction: emits one row when the stream ends."""
 
     def __init__(self, step, phase, dim, V, M, subquantizer_clusters, pca, pca_dim, seed, init_sample, sample_iters,
-                 state, vector_col, resources):
+                 rotation_iters, state, vector_col, resources):
         self._pass = T.PASSES[step]
         self._phase = phase
         cfg = _config(dict(dim=dim, V=V, M=M, subquantizer_clusters=subquantizer_clusters, pca=pca,
-                           pca_dim=pca_dim, seed=seed, init_sample=init_sample, sample_iters=sample_iters))
+                           pca_dim=pca_dim, seed=seed, init_sample=init_sample, sample_iters=sample_iters,
+                           rotation_iters=rotation_iters))
         if state:
             if state not in resources:
                 raise InvalidParamsError(f"Stage 'lopq_train' param 'state' names resource {state!r}, which this Run "

@@ -29,19 +29,20 @@ trait LopqEncoderParams extends LopqModelParams {
   final val coarseIters: IntParam = new IntParam(this, "coarseIters", "Lloyd steps of the coarse k-means at most " +
     "(default 10)", (v: Int) => v >= 0)
   final val subIters: IntParam = new IntParam(this, "subIters", "Lloyd steps of the subquantizers over all the " +
-    "data at most (default 12)", (v: Int) => v >= 0)
+    "data at most (default 4)", (v: Int) => v >= 0)
   final val rotationIters: IntParam = new IntParam(this, "rotationIters", "of the subquantizer steps, the last " +
-    "ones that also refine the local rotations (orthogonal Procrustes; default 8; 0: the reference's eigenvector " +
+    "ones that also refine the local rotations (orthogonal Procrustes; default 4; 0: the reference's eigenvector " +
     "rotations)", (v: Int) => v >= 0)
   final val sampleIters: IntParam = new IntParam(this, "sampleIters", "Lloyd steps of the subquantizers on the " +
-    "k-means++ sample, in the sub_init aggregate, before the subIters steps (default 0)", (v: Int) => v >= 0)
+    "k-means++ sample, in the sub_init aggregate, before the subIters steps; the last rotationIters of them also " +
+    "refine the rotations (default 8)", (v: Int) => v >= 0)
   final val tol: DoubleParam = new DoubleParam(this, "tol", "stop the Lloyd steps when the inertia improves by " +
     "less than this fraction (default 1e-4)", (v: Double) => v >= 0)
   final val aggDepth: IntParam = new IntParam(this, "aggDepth", "depth of the tree aggregation of each pass's " +
     "partials (default 2, as the reference's --agg_depth)", (v: Int) => v >= 1)
 
   setDefault(subquantizerClusters -> 256, pca -> true, pcaDim -> 0, seed -> 0, initSample -> 0, coarseIters -> 10,
-    subIters -> 12, rotationIters -> 8, sampleIters -> 0, tol -> 1e-4, aggDepth -> 2)
+    subIters -> 4, rotationIters -> 4, sampleIters -> 8, tol -> 1e-4, aggDepth -> 2)
 }
 
 /**
@@ -81,7 +82,8 @@ class LopqEncoder(override val uid: String) extends Estimator[LopqModel] with Lo
   private def stageParams(dim: Int, step: String, phase: String, state: String): String = Json.encode(Map(
     "step" -> step, "phase" -> phase, "dim" -> dim, "V" -> $(numCoarseClusters), "M" -> $(numSubquantizers),
     "subquantizer_clusters" -> $(subquantizerClusters), "pca" -> $(pca), "pca_dim" -> $(pcaDim),
-    "seed" -> $(seed), "init_sample" -> $(initSample), "sample_iters" -> $(sampleIters), "state" -> state,
+    "seed" -> $(seed), "init_sample" -> $(initSample), "sample_iters" -> $(sampleIters),
+    "rotation_iters" -> $(rotationIters), "state" -> state,
     "vector_col" -> $(vectorCol)))
 
   private def required(): Unit = Seq(numCoarseClusters, numSubquantizers).foreach { p =>
