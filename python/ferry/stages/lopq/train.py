@@ -24,8 +24,10 @@ The passes, in order:
     coarse_init  a hash-keyed sample of PCA'd vectors      -> k-means++ centroids for each half
     coarse_step  per-cluster counts and sums, both halves  -> one Lloyd step (x coarse_iters)
     rotations    per-cluster residual moments              -> local rotations R and means mu
-    sub_init     a hash-keyed sample of local residuals    -> k-means++ for each subquantizer, then
-                                                              sample_iters Lloyd steps on the sample
+    sub_init     a hash-keyed sample of raw rows           -> their local residuals; k-means++ for each
+                                                              subquantizer, then sample_iters steps on the
+                                                              sample, the last rotation_iters of them as
+                                                              sub_rotation_step's
     sub_step     per-cluster counts and sums, M problems   -> one Lloyd step
     sub_rotation_step  the same, and per-cluster cross moments of residuals and their codes
                                                            -> one Lloyd step and new rotations R
