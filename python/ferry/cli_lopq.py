@@ -62,8 +62,9 @@ def add_parser(sub) -> None:
                    help="subquantizer Lloyd steps on the k-means++ sample first, on the driver; the last "
                         "rotation_iters of them also refine the rotations (default 8)")
     p.add_argument("--rotation_iters", type=int,
-                   help="of the sub_iters steps, the last ones that also refine the local rotations when step 1 "
-                        "runs (default 4; 0: the reference's eigenvector rotations)")
+                   help="of the sample_iters steps, and of the sub_iters steps, the last ones that also refine "
+                        "the local rotations when step 1 runs (default 4 each; 0: the reference's eigenvector "
+                        "rotations)")
     p.add_argument("--agg_depth", type=int, default=4, help="depth of tree aggregation (default 4)")
     p.add_argument("--model", required=True, help="output .lopq file (LOPQModelParams protobuf)")
     p.set_defaults(func=run, lopq_func=cmd_train)

@@ -71,8 +71,9 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
                         typeConverter=TypeConverters.toInt)
     subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps over all the data at most (default 4)",
                      typeConverter=TypeConverters.toInt)
-    rotationIters = Param(Params._dummy(), "rotationIters", "of those, the last ones that also refine the local "
-                          "rotations (default 4; 0: the reference's eigenvector rotations)",
+    rotationIters = Param(Params._dummy(), "rotationIters", "of the sampleIters and of the subIters steps, the last "
+                          "ones that also refine the local rotations (default 4 each; 0: the reference's "
+                          "eigenvector rotations)",
                           typeConverter=TypeConverters.toInt)
     sampleIters = Param(Params._dummy(), "sampleIters", "subquantizer Lloyd steps on the k-means++ sample first, "
                         "on the driver; the last rotationIters of them also refine the rotations (default 8)",

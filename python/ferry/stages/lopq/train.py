@@ -322,8 +322,6 @@ def sub_init_aggregate(s: Sample, state: TrainState) -> TrainState:
     _require_points(s.rows.shape[0], S, "subquantizer clusters")
     sample = LloydSets(_split(local_residuals(s.rows, state), cfg.M))
     subs = kmeans_plus_plus(sample.X, S, [_rng(cfg.seed, "sub", m) for m in range(cfg.M)])
-    # The first Lloyd steps move the centroids most and can run on the k-means++ sample, already
-    # here: each costs a fraction of a step over the data, and no pass (no job on Spark).
     # The first steps move the parameters most and can run on the k-means++ sample, already here:
     # each costs a fraction of a step over the data, and no pass (no job on Spark). As over the
     # data, the last rotation_iters of them also refine the rotations, by the same chunk and

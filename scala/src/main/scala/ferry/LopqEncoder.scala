@@ -30,9 +30,9 @@ trait LopqEncoderParams extends LopqModelParams {
     "(default 10)", (v: Int) => v >= 0)
   final val subIters: IntParam = new IntParam(this, "subIters", "Lloyd steps of the subquantizers over all the " +
     "data at most (default 4)", (v: Int) => v >= 0)
-  final val rotationIters: IntParam = new IntParam(this, "rotationIters", "of the subquantizer steps, the last " +
-    "ones that also refine the local rotations (orthogonal Procrustes; default 4; 0: the reference's eigenvector " +
-    "rotations)", (v: Int) => v >= 0)
+  final val rotationIters: IntParam = new IntParam(this, "rotationIters", "of the sampleIters and of the " +
+    "subIters steps, the last ones that also refine the local rotations (orthogonal Procrustes; default 4 each; 0: " +
+    "the reference's eigenvector rotations)", (v: Int) => v >= 0)
   final val sampleIters: IntParam = new IntParam(this, "sampleIters", "Lloyd steps of the subquantizers on the " +
     "k-means++ sample, in the sub_init aggregate, before the subIters steps; the last rotationIters of them also " +
     "refine the rotations (default 8)", (v: Int) => v >= 0)
