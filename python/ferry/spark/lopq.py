@@ -67,17 +67,20 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
                 typeConverter=TypeConverters.toBoolean)
     pcaDim = Param(Params._dummy(), "pcaDim", "principal axes kept; 0 keeps all (default 0)",
                    typeConverter=TypeConverters.toInt)
-    coarseIters = Param(Params._dummy(), "coarseIters", "coarse Lloyd steps at most (default 10)",
+    # The schedule's defaults are fit()'s (TrainConfig), in the docs as in _DEFAULTS.
+    coarseIters = Param(Params._dummy(), "coarseIters",
+                        f"coarse Lloyd steps at most (default {T.TrainConfig.coarse_iters})",
                         typeConverter=TypeConverters.toInt)
-    subIters = Param(Params._dummy(), "subIters", "subquantizer Lloyd steps over all the data at most (default 4)",
+    subIters = Param(Params._dummy(), "subIters",
+                     f"subquantizer Lloyd steps over all the data at most (default {T.TrainConfig.sub_iters})",
                      typeConverter=TypeConverters.toInt)
     rotationIters = Param(Params._dummy(), "rotationIters", "of the sampleIters and of the subIters steps, the last "
-                          "ones that also refine the local rotations (default 4 each; 0: the reference's "
-                          "eigenvector rotations)",
+                          f"ones that also refine the local rotations (default {T.TrainConfig.rotation_iters} each; "
+                          "0: the reference's eigenvector rotations)",
                           typeConverter=TypeConverters.toInt)
     sampleIters = Param(Params._dummy(), "sampleIters", "subquantizer Lloyd steps on the k-means++ sample first, "
-                        "on the driver; the last rotationIters of them also refine the rotations (default 8)",
-                        typeConverter=TypeConverters.toInt)
+                        "on the driver; the last rotationIters of them also refine the rotations "
+                        f"(default {T.TrainConfig.sample_iters})", typeConverter=TypeConverters.toInt)
     samplingRatio = Param(Params._dummy(), "samplingRatio", "fraction of rows trained on, in (0, 1] (default 1)",
                           typeConverter=TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
@@ -86,7 +89,6 @@ class LopqEncoder(Estimator, _LopqParams, MLReadable, MLWritable):
     aggDepth = Param(Params._dummy(), "aggDepth", "depth of the tree aggregation (default 4)",
                      typeConverter=TypeConverters.toInt)
 
-    # The schedule's defaults are fit()'s.
     _DEFAULTS = dict(subquantizerClusters=256, seed=0, pca=True, pcaDim=0, coarseIters=T.TrainConfig.coarse_iters,
                      subIters=T.TrainConfig.sub_iters, rotationIters=T.TrainConfig.rotation_iters,
                      sampleIters=T.TrainConfig.sample_iters, samplingRatio=1.0, subquantizerSamplingRatio=1.0,

@@ -912,9 +912,10 @@ def plan(cfg: TrainConfig, state: TrainState, steps: Sequence[int] = (0, 1, 2)):
 
     ``steps`` picks the reference's training steps; PCA belongs to step 0 when the state has no
     PCA yet, and the parameters of skipped steps must already be in the state. Of the sub_iters
-    subquantizer steps, the last rotation_iters also refine the rotations (sub_rotation_step)
-    when this run trains the rotations (step 1); they start even if the plain steps stopped
-    early, and their own early stop compares from their second step on.
+    subquantizer steps, the last rotation_iters also refine the rotations (sub_rotation_step);
+    they start even if the plain steps stopped early, and their own early stop compares from
+    their second step on. A run without step 1 must not refine given rotations: drive() sets
+    rotation_iters to 0 for it, in the config every pass (sub_init's too) reads.
     """
     if 0 in steps:
         if cfg.pca and state.pca is None:
@@ -928,7 +929,7 @@ def plan(cfg: TrainConfig, state: TrainState, steps: Sequence[int] = (0, 1, 2)):
         state = yield "rotations"
     if 2 in steps:
         state = yield "sub_init"
-        refine = min(cfg.rotation_iters, cfg.sub_iters) if 1 in steps else 0
+        refine = min(cfg.rotation_iters, cfg.sub_iters)
         for _ in range(cfg.sub_iters - refine):
             state = yield "sub_step"
             if state.converged():
