@@ -205,7 +205,8 @@ def _positive(v):
         Param("pca", "bool", "Rotate onto principal axes and balance the halves first.", default=True),
         Param("pca_dim", "int", "Principal axes kept; 0 keeps all.", default=0),
         Param("seed", "int", "Seed of sampling and k-means++.", default=0),
-        Param("init_sample", "int", "Points sampled for k-means++; 0: 32 per cluster.", default=0),
+        Param("init_sample", "int", f"Points sampled for k-means++; 0: {T.INIT_SAMPLE_PER_CLUSTER} per cluster, at "
+                                    "least 1024.", default=0),
         Param("sample_iters", "int", "Subquantizer Lloyd steps on the k-means++ sample (step sub_init).",
               default=T.TrainConfig.sample_iters),
         Param("rotation_iters", "int", "Of those, the last ones that also refine the rotations (step sub_init; 0 "

@@ -25,7 +25,7 @@ trait LopqEncoderParams extends LopqModelParams {
     (v: Int) => v >= 0)
   final val seed: IntParam = new IntParam(this, "seed", "seed of sampling and k-means++ (default 0)", (v: Int) => v >= 0)
   final val initSample: IntParam = new IntParam(this, "initSample",
-    "points sampled for k-means++; 0 (default) = 32 per cluster", (v: Int) => v >= 0)
+    "points sampled for k-means++; 0 (default) = 24 per cluster, at least 1024", (v: Int) => v >= 0)
   final val coarseIters: IntParam = new IntParam(this, "coarseIters", "Lloyd steps of the coarse k-means at most " +
     "(default 10)", (v: Int) => v >= 0)
   final val subIters: IntParam = new IntParam(this, "subIters", "Lloyd steps of the subquantizers over all the " +
