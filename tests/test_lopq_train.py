@@ -134,6 +134,42 @@ def test_kmeans_plus_plus_seeds_each_set_of_a_stack_as_it_would_alone():
     np.testing.assert_array_equal(np.unique(stacked[2], axis=0), np.unique(pts, axis=0))
 
 
+def test_k_means_plus_plus_draws_points_with_probability_proportional_to_their_weight():
+    # The two-level draw (a block by the blocks' running sums, then a point within it) picks
+    # what np.searchsorted on the running sum over all the points picks, blocks of zeros and a
+    # zero-padded last block included.
+    rng = np.random.default_rng(8)
+    w = rng.random((3, 7 * T._KPP_BLOCK)).astype(np.float32) ** 4
+    w[0, T._KPP_BLOCK:3 * T._KPP_BLOCK] = 0          # two empty blocks
+    w[1, ::2] = 0                                    # points that may never be drawn
+    w[2, 6 * T._KPP_BLOCK + 5:] = 0                  # the padding of a last, ragged block
+    u = rng.random((3, 500))
+    got, total = T._draw(w.reshape(3, 7, T._KPP_BLOCK), u)
+    for b in range(3):
+        cum = np.cumsum(w[b], dtype=np.float64)
+        np.testing.assert_array_equal(got[b], np.searchsorted(cum, u[b] * cum[-1], side="right"))
+        assert total[b] == pytest.approx(cum[-1], rel=1e-6)
+        assert (w[b, got[b]] > 0).all()
+    # And the frequencies follow the weights.
+    many, _ = T._draw(w[1:2].reshape(1, 7, T._KPP_BLOCK), rng.random((1, 200_000)))
+    freq = np.bincount(many[0], minlength=w.shape[1]) / many.size
+    np.testing.assert_allclose(freq, w[1] / w[1].sum(), atol=0.004)
+
+
+def test_fit_equals_its_passes_run_without_the_drivers_cache(data):
+    # fit() keeps prepared chunks between passes (the PCA'd halves, the subquantizers' frames,
+    # these started from those halves): the model is the one the passes give run one by one,
+    # each preparing its own chunk, bit for bit.
+    kw = dict(V=4, M=4, subquantizer_clusters=16, seed=2)
+    got = fit(data, **kw)
+    state = T.initial_state(data.shape[1], **kw)
+    want = T.drive(state, (0, 1, 2), lambda name, st: T.run_pass(T.PASSES[name], [data], st),
+                   progress=lambda *a: None).model()
+    for name in ("Cs", "Rs", "mus", "subs"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    np.testing.assert_array_equal(got.pca.projection, want.pca.projection)
+
+
 def test_an_empty_cluster_moves_to_a_far_point(data):
     C = np.vstack([data[:3], np.full((1, 16), 1e6)])    # the last centroid attracts nothing
     p = T.kmeans_chunk(data, C)

@@ -388,24 +388,14 @@ def kmeans_plus_plus(Xs: np.ndarray, k: int, rngs: Sequence[np.random.Generator]
     noise = 4 * np.finfo(np.float32).eps * (sq.sum(axis=1) + n * sq.max(axis=1))
     first = np.array([rng.integers(n) for rng in rngs])
     centers[:, 0] = Xs[sets, first]
-    # Each point's squared distance to its closest centre, zero-padded to whole blocks of
-    # _KPP_BLOCK points: a draw picks a block by the blocks' running sums, then a point by the
-    # running sums within that block, instead of a running sum over all n points per step (a
-    # sequential scan that cost as much as the rest of the step's sampling).
+    # Each point's squared distance to its closest centre, zero-padded to whole blocks (see _draw).
     nb = -(-n // _KPP_BLOCK)
     closest = np.zeros((B, nb * _KPP_BLOCK), dtype=np.float32)
     closest[:, :n] = np.maximum(np.matmul(left[sets, first][:, None, :], right)[:, 0], np.float32(0))
     blocks = closest.reshape(B, nb, _KPP_BLOCK)
-    cand = np.empty((B, trials), dtype=np.intp)
     for c in range(1, k):
-        sums = blocks.sum(axis=2).astype(np.float64)
-        cum = np.cumsum(sums, axis=1)
-        draws = np.array([rng.random(trials) for rng in rngs]) * cum[:, -1:]
-        blk = np.minimum((cum[:, :, None] <= draws[:, None, :]).sum(axis=1), nb - 1)
-        inner = np.cumsum(blocks[sets[:, None], blk], axis=2, dtype=np.float64)
-        left_over = draws - (cum[sets[:, None], blk] - sums[sets[:, None], blk])
-        cand[:] = blk * _KPP_BLOCK + (inner <= left_over[:, :, None]).sum(axis=2)
-        for b in np.flatnonzero(~(cum[:, -1] > noise)):
+        cand, potential = _draw(blocks, np.array([rng.random(trials) for rng in rngs]))
+        for b in np.flatnonzero(~(potential > noise)):
             # Every point sits on a centre already, as far as float32 tells: take a point not chosen yet.
             taken = (((Xs[b, :, None, :] - centers[b, None, :c, :]) ** 2).sum(-1) == 0).any(1)
             cand[b] = rngs[b].choice(np.flatnonzero(~taken))
@@ -422,8 +412,29 @@ def kmeans_plus_plus(Xs: np.ndarray, k: int, rngs: Sequence[np.random.Generator]
     return centers
 
 
-#: Points per block of k-means++'s two-level sampling (see kmeans_plus_plus).
+#: Points per block of k-means++'s two-level sampling (see _draw).
 _KPP_BLOCK = 64
+
+
+def _draw(blocks: np.ndarray, uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each set b of blocks (B, nb, _KPP_BLOCK) of non-negative weights, the points drawn by
+    uniform[b] (values in [0, 1)) with probability proportional to their weight, as indices into
+    the flattened blocks, and each set's total weight.
+
+    The point of draw u is the first whose running sum exceeds u * total (np.searchsorted on the
+    running sums, side "right"). It is found in two levels, a block by the blocks' running sums,
+    then a point by the running sums within that block: no running sum over all the points,
+    a sequential scan that cost k-means++ as much per step as the rest of its sampling.
+    """
+    B, nb, size = blocks.shape
+    sets = np.arange(B)[:, None]
+    sums = blocks.sum(axis=2).astype(np.float64)
+    cum = np.cumsum(sums, axis=1)
+    draws = uniform * cum[:, -1:]
+    blk = np.minimum((cum[:, :, None] <= draws[:, None, :]).sum(axis=1), nb - 1)
+    inner = np.cumsum(blocks[sets, blk], axis=2, dtype=np.float64)
+    left_over = draws - (cum[sets, blk] - sums[sets, blk])
+    return blk * size + (inner <= left_over[:, :, None]).sum(axis=2), cum[:, -1]
 
 
 def _require_distinct(X: np.ndarray, k: int) -> None:
