@@ -156,6 +156,27 @@ def test_k_means_plus_plus_draws_points_with_probability_proportional_to_their_w
     np.testing.assert_allclose(freq, w[1] / w[1].sum(), atol=0.004)
 
 
+@pytest.mark.parametrize("rows_per_cluster", [3, 40, 2000])
+def test_cross_moments_by_code_sums_or_directly_equal_the_definition(rows_per_cluster):
+    # A rotation step's cross moments, sum over each cluster's rows of y r^T (y: the codes'
+    # reconstruction), come by code sums when clusters hold many rows and directly when few;
+    # either way they are the definition's. Cluster 2 is empty.
+    rng = np.random.default_rng(rows_per_cluster)
+    mh, K, d, V = 2, 16, 4, 5
+    counts = np.array([rows_per_cluster, 2 * rows_per_cluster, 0, 1, rows_per_cluster])
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    n = int(bounds[-1])
+    r = rng.standard_normal((n, mh * d))
+    subs = rng.standard_normal((mh, K, d))
+    labels = rng.integers(0, K, size=(mh, n))
+    got = np.full((V, mh * d, mh * d), np.nan)
+    got[2] = 0.0
+    T._cross_moments(r, labels, subs, counts, bounds, out=got)
+    y = np.concatenate([subs[j][labels[j]] for j in range(mh)], axis=1)
+    want = np.stack([y[a:b].T @ r[a:b] for a, b in zip(bounds, bounds[1:])])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
 def test_fit_equals_its_passes_run_without_the_drivers_cache(data):
     # fit() keeps prepared chunks between passes (the PCA'd halves, the subquantizers' frames,
     # these started from those halves): the model is the one the passes give run one by one,

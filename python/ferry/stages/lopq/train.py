@@ -61,7 +61,9 @@ DEFAULT_CHUNK_ROWS = 16384
 #: Points kept for k-means++ initialisation, per cluster to find. The subquantizers' first
 #: sample_iters steps run on this sample too. 24 rather than 32: on the 50,000 x 128 mixture
 #: (V=16, M=8) training takes 1.72 s instead of 1.86 s for reconstruction error 97.5 instead of
-#: 97.3 (benchmarks/results/lopq_iterations.md); 16 gives 1.60 s and 97.9.
+#: 97.3 (benchmarks/results/lopq_iterations.md); 16 gives 1.60 s and 97.9. At V=64 it costs more
+#: (benchmarks/lopq/run.py: 67.6 instead of 66.7): fewer sample rows per coarse cluster for the
+#: rotation steps on the sample.
 INIT_SAMPLE_PER_CLUSTER = 24
 #: Farthest points each k-means partial keeps, to re-seed clusters that end up empty.
 FAR_POINTS = 16
@@ -810,7 +812,6 @@ def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tu
     Za = np.empty((mh, n, d + 1), dtype=np.float32)
     Za[..., d] = 1.0
     no_shift = np.zeros(d)
-    K = state.subs.shape[1]
     for h in (0, 1):
         r = resid[h]
         clusters = np.flatnonzero(counts[h])
@@ -828,16 +829,37 @@ def sub_rotation_step_chunk(X: np.ndarray, state: TrainState, frames=None) -> tu
             sets = LloydSets(Z)
         half_parts, labels = kmeans_chunks(sets, subs)
         parts.extend(half_parts)
-        # sum y r^T over a cluster's rows, where y's block j is subs[j][code j]: block j of the
-        # cross moments is subs[j]^T S_j, S_j[k] the sum of the cluster's residuals whose code j
-        # is k. The sums, for every cluster and subvector at once, are one sparse product over
-        # the residuals; this replaced gathering the reconstructions (n x D/2) and one dense
-        # (D/2 x n) @ (n x D/2) matmul per cluster: 42 ms of a 50,000-row step, now about 20.
-        cluster = np.repeat(np.arange(V), counts[h])
-        keys = (np.arange(mh)[:, None] * V + cluster) * K + labels
-        S = cluster_sums(r, keys.T.ravel(), mh * V * K, per_row=mh).reshape(mh, V, K, half)
-        cross[h].reshape(V, mh, d, half)[:] = np.matmul(subs.transpose(0, 2, 1)[:, None], S).transpose(1, 0, 2, 3)
+        _cross_moments(r, labels, subs, counts[h], bounds[h], out=cross[h])
     return (*parts, CrossMoments(counts, cross))
+
+
+def _cross_moments(r: np.ndarray, labels: np.ndarray, subs: np.ndarray, counts: np.ndarray, bounds: np.ndarray,
+                   out: np.ndarray) -> None:
+    """out[v] = sum y r^T over cluster v's rows (r: residuals (n, D/2) sorted by cluster, rows
+    bounds[v]:bounds[v + 1]; y: their reconstructions, block j of y is subs[j][labels[j]]).
+
+    Two ways to the same sums, whichever takes fewer multiply-adds for this chunk: the direct
+    one gathers y (n x D/2) and makes one (D/2 x m) @ (m x D/2) matmul per cluster of m rows;
+    the other sums each cluster's residuals by code, S_j[k] = the sum of r whose code j is k
+    (one sparse product for every cluster and subvector), and block j of out[v] is subs[j]^T S_j.
+    The sums win when clusters hold many rows for their K codes (a 50,000-row step of the
+    benchmark's mixture: 42 ms direct, about 20 by sums) and lose when they hold few (large V,
+    small chunks), where they would also hold more sums than rows.
+    """
+    mh, K, d = subs.shape
+    n, half = r.shape
+    present = np.flatnonzero(counts)
+    P = present.size
+    if n * mh * half + P * K * half * (mh + half) < n * half * half:
+        keys = (np.arange(mh)[:, None] * P + np.repeat(np.arange(P), counts[present])) * K + labels
+        S = cluster_sums(r, keys.T.ravel(), mh * P * K, per_row=mh).reshape(mh, P, K, half)
+        out[present] = np.matmul(subs.transpose(0, 2, 1)[:, None], S).transpose(1, 0, 2, 3).reshape(P, half, half)
+        return
+    y = np.empty((n, half))
+    np.take(subs.reshape(mh * K, d), (labels + (np.arange(mh) * K)[:, None]).T, axis=0, out=y.reshape(n, mh, d))
+    for v in present:
+        a, b = bounds[v], bounds[v + 1]
+        out[v] = y[a:b].T @ r[a:b]
 
 
 def sub_rotation_step_combine(a: Sequence, b: Sequence) -> tuple:
