@@ -351,7 +351,10 @@ class Bench:
                     for x in ("--conf", f"{k}={v}")]
         cmd = [os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit"), "--master", "local[2]",
                "--driver-memory", conf.get("spark.driver.memory", "4g"), *settings,
-               "--conf", f"spark.ferry.python={self.python}", "--class", "ferry.examples.TileDemo",
+               "--conf", f"spark.ferry.python={self.python}",
+               # As the convolve benchmark and the README advise: the workers start with the
+               # executor (outside the job's seconds), not inside the first run's job.
+               "--conf", "spark.plugins=ferry.FerryPlugin", "--class", "ferry.examples.TileDemo",
                "--jars", self.args.assembly, self.args.assembly, store, str(out),
                "--operator", base["operator"], "--operator-params", json.dumps(op_args_json(base)),
                "--strategy", strategy, "--output-dtype", base["output_dtype"], "--runs", str(base["runs"])]
@@ -504,8 +507,9 @@ def render(data: dict) -> str:
         "(*load s* = assembling it from its tiles); for ferry in-process, `iter_reconstruct` from the first read "
         "to the last output tile; for PySpark, `transform` (a query of the key columns) plus writing the output "
         "Parquet, SparkSession start excluded; for the Spark paths, the first run in a fresh process (cold: it pays "
-        "the JVM's class loading and JIT compilation, which on 2 cores competes with the job), and **warm s** the best "
-        "of the later runs in the same session (a new `transform` each, reading the source again; "
+        "the JVM's class loading and JIT compilation, which on 2 cores competes with the job; the Scala path runs "
+        "with `spark.plugins=ferry.FerryPlugin`, which starts its Python workers as the SparkContext starts), and "
+        "**warm s** the best of the later runs in the same session (a new `transform` each, reading the source again; "
         f"{data['settings'].get('runs', 1)} runs in all); for the seed, the notebook's timed `collect` of output shapes. "
         "**reads** = source tiles read (decoded, or drawn by the seed's `pull_input_tile`). **peak MB** = largest "
         "sum of RSS over the case's process tree (driver, JVM, Python workers), sampled every 0.2 s. "
