@@ -60,10 +60,11 @@ log = logging.getLogger("ferry.lopq")
 DEFAULT_CHUNK_ROWS = 16384
 #: Points kept for k-means++ initialisation, per cluster to find. The subquantizers' first
 #: sample_iters steps run on this sample too. 24 rather than 32: on the 50,000 x 128 mixture
-#: (V=16, M=8) training takes 1.72 s instead of 1.86 s for reconstruction error 97.5 instead of
-#: 97.3 (benchmarks/results/lopq_iterations.md); 16 gives 1.60 s and 97.9. At V=64 it costs more
-#: (benchmarks/lopq/run.py: 67.6 instead of 66.7): fewer sample rows per coarse cluster for the
-#: rotation steps on the sample.
+#: (V=16, M=8, means of seeds 0..2, measured side by side when the constant was chosen; not a
+#: committed benchmark) training took 1.72 s instead of 1.86 s for reconstruction error 97.5
+#: instead of 97.3; 16 gave 1.60 s and 97.9. benchmarks/results/lopq_iterations.md has the
+#: defaults at 24 (1.79 s, 97.5). At V=64 it costs more (benchmarks/lopq/run.py: 67.6 instead of
+#: 66.7): fewer sample rows per coarse cluster for the rotation steps on the sample.
 INIT_SAMPLE_PER_CLUSTER = 24
 #: Farthest points each k-means partial keeps, to re-seed clusters that end up empty.
 FAR_POINTS = 16
