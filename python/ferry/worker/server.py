@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry import arrow, registry
 from ferry.errors import AuthenticationError, FerryError, MissingResourceError, ProtocolError, SchemaError, StageFailedError
+from ferry.worker.shared_memory import SharedMemoryTable, SharedPair
 from ferry.v1 import worker_pb2 as pb
 from ferry.v1 import worker_pb2_grpc as pb_grpc
 
@@ -86,8 +87,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._max_message = max_message_bytes
         self._resources: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._shared = SharedMemoryTable()
 
-    def _message(self, out: pa.RecordBatch, stage: str) -> bytes:
+    def _message(self, out: pa.RecordBatch, stage: str, shared: tuple[SharedPair, object, int] | None = None) -> bytes:
         """An output batch as an encoded RunResponse, or a clear error when it is over the message
         limit (gRPC would drop the stream with a bare RESOURCE_EXHAUSTED that reads like a dead
         worker)."""
@@ -99,6 +101,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"{self._max_message:,}-byte message limit (about {biggest:,} bytes per row). Raise the limit "
                 "(spark.ferry.grpc.maxMessageBytes from Spark, ferry worker --max-message-bytes), or send "
                 "smaller rows (e.g. smaller tiles)")
+        if shared is not None:
+            pair, owner, index = shared
+            offset = pair.write_output(data, owner, index)
+            if offset is not None:
+                return pb.RunResponse(batch=pb.Batch(shared_offset=offset, shared_length=data.size)).SerializeToString()
         return encode_batch_response(data)
 
     def _authorize(self, context) -> None:
@@ -151,6 +158,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Run(self, request_iterator, context):
         self._authorize(context)
         stage_name = ""
+        pair, owner = None, object()  # owner: this stream's regions of a shared output file
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("msg") != "open":
@@ -170,7 +178,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise MissingResourceError(f"Resources {missing} were never uploaded to this worker; "
                                            "call PutResource first")
             processor = st.open(params, resources)
-            yield pb.RunResponse(opened=pb.Opened(output_schema=arrow.schema_to_bytes(out_schema)))
+            if first.open.HasField("shared_memory"):
+                pair = self._shared.attach(first.open.shared_memory)
+            yield pb.RunResponse(opened=pb.Opened(output_schema=arrow.schema_to_bytes(out_schema),
+                                                  shared_memory=pair is not None))
             m = pb.Metrics()
             ended = False
             for req in request_iterator:
@@ -181,7 +192,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if kind == "end":
                     ended = True
                     break
-                batch = arrow.batch_from_bytes(req.batch.arrow, in_schema)
+                if req.batch.shared_length:
+                    if pair is None:
+                        raise ProtocolError("A batch in shared memory on a Run stream whose Opened did not accept "
+                                            "shared memory")
+                    pair.acknowledge(owner, req.batch.outputs_read)
+                    data = pair.read_input(req.batch.shared_offset, req.batch.shared_length)
+                else:
+                    if pair is not None:
+                        pair.acknowledge(owner, req.batch.outputs_read)
+                    data = req.batch.arrow
+                batch = arrow.batch_from_bytes(data, in_schema)
                 t0 = time.perf_counter()
                 out = _as_batch(processor.process(batch), out_schema, stage_name)
                 m.compute_seconds += time.perf_counter() - t0
@@ -189,7 +210,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 m.rows_in += batch.num_rows
                 m.batches_out += 1
                 m.rows_out += out.num_rows
-                yield self._message(out, stage_name)
+                yield self._message(out, stage_name, None if pair is None else (pair, owner, m.batches_out - 1))
             if not ended:
                 raise ProtocolError("The Run stream closed without End; the client may have died")
             tail = processor.finish() if hasattr(processor, "finish") else None
@@ -198,13 +219,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if out.num_rows:
                     m.batches_out += 1
                     m.rows_out += out.num_rows
-                    yield self._message(out, stage_name)
+                    yield self._message(out, stage_name, None if pair is None else (pair, owner, m.batches_out - 1))
             yield pb.RunResponse(metrics=m)
             yield pb.RunResponse(end=pb.End())
         except Exception as e:  # noqa: BLE001 - every failure becomes a typed status
             if context.is_active():
                 _abort(context, stage_name, e)
             log.info("Run of %r ended after the client left: %s", stage_name, e)
+        finally:
+            if pair is not None:
+                pair.end_stream(owner)
 
 
 def _varint(n: int) -> bytes:

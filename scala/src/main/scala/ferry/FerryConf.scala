@@ -29,6 +29,7 @@ import org.apache.spark.sql.SparkSession
  * | `spark.ferry.batch.maxRows` | `65536` | rows per Arrow batch sent to a worker |
  * | `spark.ferry.batch.maxBytes` | `4m` | bytes per Arrow batch message (a single larger row travels alone) |
  * | `spark.ferry.grpc.maxMessageBytes` | `512m` | gRPC message limit, both directions, also given to the workers ferry starts (`--max-message-bytes`); one row travels in one message |
+ * | `spark.ferry.sharedMemory.bytes` | `64m` | per direction: a worker this JVM started exchanges Run batches with it through two files of this size in /dev/shm instead of the socket (a batch that does not fit goes over the socket); `0` = off |
  * | `spark.ferry.run.maxInFlight` | `4` | batches sent to a worker and not yet answered, per stream (back-pressure) |
  * | `spark.ferry.rpc.timeout` | `120s` | deadline of unary calls (ListStages, Describe, health checks) |
  * | `spark.ferry.run.responseTimeout` | `30min` | a Run whose worker answers nothing for this long while batches are outstanding fails and the worker is replaced; `0` = wait forever |
@@ -52,7 +53,8 @@ final case class FerryConf(
     rpcTimeoutMs: Long,
     runResponseTimeoutMs: Long,
     arrowMaxAllocation: Long,
-    convolveMaxRunsPerPartition: Int) {
+    convolveMaxRunsPerPartition: Int,
+    sharedMemoryBytes: Long = 64L << 20) {
 
   require(batchMaxRows >= 1, s"${FerryConf.BatchMaxRows} must be >= 1, got $batchMaxRows")
   require(batchMaxBytes >= 1, s"${FerryConf.BatchMaxBytes} must be >= 1, got $batchMaxBytes")
@@ -62,13 +64,15 @@ final case class FerryConf(
   require(runResponseTimeoutMs >= 0,
     s"${FerryConf.RunResponseTimeout} must be >= 0 (0 = wait forever), got $runResponseTimeoutMs ms")
   require(workerIdleTimeoutMs >= 0, s"${FerryConf.WorkerIdleTimeout} must be >= 0 (0 = never), got $workerIdleTimeoutMs ms")
+  require(sharedMemoryBytes >= 0 && sharedMemoryBytes <= (1L << 30),
+    s"${FerryConf.SharedMemoryBytes} must be between 0 (off) and 1g, got $sharedMemoryBytes")
   require(convolveMaxRunsPerPartition >= 1,
     s"${FerryConf.ConvolveMaxRuns} must be >= 1, got $convolveMaxRunsPerPartition")
 
   /** The settings that decide which worker processes a pool launches or connects to. */
   private[ferry] def poolKey: FerryConf.PoolKey =
     FerryConf.PoolKey(python, workerAddress, workerToken, workerTokenFile, workerStages, workerPythonPath,
-      workerLogDir, grpcMaxMessageBytes, workerIdleTimeoutMs, runResponseTimeoutMs)
+      workerLogDir, grpcMaxMessageBytes, workerIdleTimeoutMs, runResponseTimeoutMs, sharedMemoryBytes)
 
   /** Whether a remote worker is used instead of local processes. */
   def isRemote: Boolean = workerAddress.isDefined
@@ -92,6 +96,7 @@ object FerryConf {
   val RunResponseTimeout = "spark.ferry.run.responseTimeout"
   val ArrowMaxAllocation = "spark.ferry.arrow.maxAllocation"
   val ConvolveMaxRuns = "spark.ferry.convolve.maxRunsPerPartition"
+  val SharedMemoryBytes = "spark.ferry.sharedMemory.bytes"
 
   private[ferry] final case class PoolKey(
       python: String,
@@ -103,7 +108,8 @@ object FerryConf {
       logDir: Option[String],
       maxMessageBytes: Int,
       idleTimeoutMs: Long,
-      responseTimeoutMs: Long)
+      responseTimeoutMs: Long,
+      sharedMemoryBytes: Long)
 
   /** Defaults only (no Spark needed): handy for a `WorkerClient` or `WorkerPool` used directly. */
   def defaults: FerryConf = fromMap(Map.empty)
@@ -160,6 +166,7 @@ object FerryConf {
       rpcTimeoutMs = millis(RpcTimeout, "120s"),
       runResponseTimeoutMs = millis(RunResponseTimeout, "30min"),
       arrowMaxAllocation = bytes(ArrowMaxAllocation, "2g"),
-      convolveMaxRunsPerPartition = int(ConvolveMaxRuns, 1024))
+      convolveMaxRunsPerPartition = int(ConvolveMaxRuns, 1024),
+      sharedMemoryBytes = bytes(SharedMemoryBytes, "64m"))
   }
 }

@@ -27,7 +27,8 @@ final class WorkerClient private (
     val maxMessageBytes: Int,
     val rpcTimeoutMs: Long,
     val responseTimeoutMs: Long,
-    private val channel: ManagedChannel) extends AutoCloseable {
+    private val channel: ManagedChannel,
+    sharedMemoryBytes: Long = 0L) extends AutoCloseable {
 
   import WorkerClient._
 
@@ -88,11 +89,42 @@ final class WorkerClient private (
    */
   def run(stage: String, paramsJson: String, inputSchema: ByteString, inputs: Iterator[ByteString],
       maxInFlight: Int, resources: Seq[String] = Nil): RunStream = {
-    val stream = new RunStream(this, stage, inputs, maxInFlight)
-    stream.open(async, Open.newBuilder().setStage(stage).setParamsJson(paramsJson).setInputSchema(inputSchema)
-      .addAllResources(resources.asJava).build())
+    val files = acquireShared()
+    val stream = new RunStream(this, stage, inputs, maxInFlight, files)
+    val open = Open.newBuilder().setStage(stage).setParamsJson(paramsJson).setInputSchema(inputSchema)
+      .addAllResources(resources.asJava)
+    files.foreach(f => open.setSharedMemory(f.offer))
+    stream.open(async, open.build())
     stream
   }
+
+  // Shared memory with a worker on this host (see SharedFiles): made on the first run, given up
+  // for good if the worker cannot open it.
+  private var shared: Option[SharedFiles] = None
+  private var sharedRefused = sharedMemoryBytes <= 0
+
+  /** The shared files for one Run stream, if this client has them and no other stream holds them. */
+  private def acquireShared(): Option[SharedFiles] = synchronized {
+    if (sharedRefused) return None
+    if (shared.isEmpty) {
+      shared = SharedFiles.defaultDir.flatMap(SharedFiles.create(_, sharedMemoryBytes))
+      if (shared.isEmpty) { sharedRefused = true; return None }
+    }
+    shared.filter(_.tryAcquire())
+  }
+
+  /** Whether the worker took the shared files a stream offered: either way their names can go. */
+  private[ferry] def sharedAnswered(files: SharedFiles, accepted: Boolean): Unit = synchronized {
+    try files.unlink() catch { case scala.util.control.NonFatal(_) => }
+    if (!accepted && shared.contains(files)) {
+      sharedRefused = true
+      shared = None
+      files.close()
+    }
+  }
+
+  /** Whether a worker uses shared memory with this client (for tests and logs). */
+  def usesSharedMemory: Boolean = synchronized(shared.isDefined && !sharedRefused)
 
   /** Digests of the resources this client uploaded (a worker keeps them for its lifetime). */
   private val uploaded = java.util.concurrent.ConcurrentHashMap.newKeySet[String]()
@@ -162,6 +194,7 @@ final class WorkerClient private (
   def isShutdown: Boolean = channel.isShutdown
 
   override def close(): Unit = {
+    synchronized { shared.foreach(_.close()); shared = None; sharedRefused = true }
     channel.shutdown()
     if (!channel.awaitTermination(2, TimeUnit.SECONDS)) channel.shutdownNow()
   }
@@ -234,14 +267,22 @@ object WorkerClient {
   def connect(host: String, port: Int, token: String, conf: FerryConf): WorkerClient =
     connect(s"$host:$port", token, conf)
 
-  def connect(target: String, token: String, conf: FerryConf): WorkerClient = {
+  /**
+   * A client of a worker this JVM started on its own host: Run batches go through shared memory
+   * (`spark.ferry.sharedMemory.bytes` per direction) when the worker can open it.
+   */
+  def connectLocal(port: Int, token: String, conf: FerryConf): WorkerClient =
+    connect(s"127.0.0.1:$port", token, conf, conf.sharedMemoryBytes)
+
+  def connect(target: String, token: String, conf: FerryConf, sharedMemoryBytes: Long = 0L): WorkerClient = {
     val channel = NettyChannelBuilder.forTarget(target)
       .usePlaintext()
       .maxInboundMessageSize(conf.grpcMaxMessageBytes)
       .maxInboundMetadataSize(MaxMetadataBytes)
       .keepAliveTime(30, TimeUnit.SECONDS)
       .build()
-    new WorkerClient(target, token, conf.grpcMaxMessageBytes, conf.rpcTimeoutMs, conf.runResponseTimeoutMs, channel)
+    new WorkerClient(target, token, conf.grpcMaxMessageBytes, conf.rpcTimeoutMs, conf.runResponseTimeoutMs, channel,
+      sharedMemoryBytes)
   }
 
   private def serializableCopy(t: Throwable): Throwable = {
@@ -331,7 +372,7 @@ object WorkerClient {
  * a stream that has not finished cancels it.
  */
 final class RunStream private[ferry] (client: WorkerClient, val stage: String, inputs: Iterator[ByteString],
-    maxInFlight: Int) extends Iterator[ByteString] with AutoCloseable {
+    maxInFlight: Int, offered: Option[SharedFiles] = None) extends Iterator[ByteString] with AutoCloseable {
 
   import RunStream._
 
@@ -346,6 +387,13 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
   private var nextBatch: ByteString = _
   private var _outputSchema: ByteString = _
   private var _metrics: Option[Metrics] = None
+  // The shared files, once the worker has accepted them; released when the stream ends.
+  private var shared: Option[SharedFiles] = None
+  private var sharedHeld = offered.isDefined
+  private var _sharedBatches = 0L
+
+  /** Input and output batches of this stream that went through shared memory. */
+  def sharedBatches: Long = _sharedBatches
 
   /** Arrow IPC schema message of every output batch. */
   def outputSchema: ByteString = _outputSchema
@@ -368,7 +416,12 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
     guard {
       requests.onNext(RunRequest.newBuilder().setOpen(open).build())
       take() match {
-        case Response(r) if r.hasOpened => _outputSchema = r.getOpened.getOutputSchema
+        case Response(r) if r.hasOpened =>
+          _outputSchema = r.getOpened.getOutputSchema
+          offered.foreach { f =>
+            client.sharedAnswered(f, r.getOpened.getSharedMemory)
+            if (r.getOpened.getSharedMemory) shared = Some(f) else releaseShared()
+          }
         case Response(r) => throw new ProtocolException(s"Stage '$stage' on ${client.target} answered Open with " +
           s"${r.getMsgCase} instead of Opened.")
         case Failed(t) => throw WorkerClient.mapError(t, client.target, "Run", stage)
@@ -402,7 +455,7 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
               s"message limit of ${client.maxMessageBytes} bytes: a single row is too large. Raise " +
               s"${FerryConf.GrpcMaxMessageBytes} (also the limit of the workers ferry starts) or make rows smaller.")
           }
-          requests.onNext(RunRequest.newBuilder().setBatch(Batch.newBuilder().setArrow(b)).build())
+          requests.onNext(RunRequest.newBuilder().setBatch(batchMessage(b)).build())
           sent += 1
         } else inputDone = true
       } else if (inputDone && !endSent) {
@@ -417,8 +470,16 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
     case Response(r) =>
       r.getMsgCase match {
         case RunResponse.MsgCase.BATCH =>
+          val batch = r.getBatch
+          nextBatch = if (batch.getSharedLength > 0) {
+            val f = shared.getOrElse(throw new ProtocolException(s"Stage '$stage' on ${client.target} answered " +
+              "with a batch in shared memory that this stream did not agree on."))
+            _sharedBatches += 1
+            f.readOutput(batch.getSharedOffset, batch.getSharedLength)
+          } else batch.getArrow
           received += 1
-          nextBatch = r.getBatch.getArrow
+          // The worker copied input `received - 1` out before it answered it: its region is free.
+          shared.foreach(_.inputRegions.release(this, received))
         case RunResponse.MsgCase.METRICS => _metrics = Some(r.getMetrics)
         case RunResponse.MsgCase.END => sawEnd = true
         case other => throw new ProtocolException(s"Unexpected $other in the Run stream of stage '$stage' " +
@@ -429,6 +490,7 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
       throw WorkerClient.mapError(t, client.target, "Run", stage)
     case Completed =>
       finished = true
+      releaseShared()
       if (!sawEnd) throw new WorkerUnavailableException(s"The worker at ${client.target} closed the Run stream " +
         s"of stage '$stage' without End after $received of $sent batches; it may have died.")
   }
@@ -468,10 +530,34 @@ final class RunStream private[ferry] (client: WorkerClient, val stage: String, i
         throw t
     }
 
-  private def cancel(why: String): Unit = if (!finished) {
-    finished = true
-    val r = requests
-    if (r != null) r.cancel(s"client gave up: $why", null)
+  private def cancel(why: String): Unit = {
+    if (!finished) {
+      finished = true
+      val r = requests
+      if (r != null) r.cancel(s"client gave up: $why", null)
+    }
+    releaseShared()
+  }
+
+  /** An input batch: in the shared input file when it fits there now, else inline. */
+  private def batchMessage(b: ByteString): Batch.Builder = {
+    val m = Batch.newBuilder().setOutputsRead(received)
+    shared.flatMap(f => f.inputRegions.alloc(b.size().toLong, this, sent).map(f -> _)) match {
+      case Some((f, offset)) =>
+        f.writeInput(offset, b)
+        _sharedBatches += 1
+        m.setSharedOffset(offset).setSharedLength(b.size().toLong)
+      case None => m.setArrow(b)
+    }
+  }
+
+  private def releaseShared(): Unit = if (sharedHeld) {
+    sharedHeld = false
+    offered.foreach { f =>
+      f.inputRegions.release(this)
+      f.release()
+    }
+    shared = None
   }
 
   /** Whether the stream ran to its End. */

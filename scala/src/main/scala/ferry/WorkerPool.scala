@@ -257,7 +257,7 @@ final class WorkerPool private (val conf: FerryConf) {
           process.waitFor(2, TimeUnit.SECONDS)
           throw failure("it exited before it was serving", null)
         }
-      val client = WorkerClient.connect("127.0.0.1", p, token, conf)
+      val client = WorkerClient.connectLocal(p, token, conf)
       try client.checkHealth(math.min(conf.rpcTimeoutMs, 30000L))
       catch {
         case NonFatal(e) =>
