@@ -1,6 +1,9 @@
 """Run batches through shared memory (SharedMemory in worker.proto), against a real worker
 process over real gRPC, with the files a client on the worker's host creates."""
+import json
+import mmap
 import os
+import queue
 import random
 import uuid
 
@@ -28,7 +31,6 @@ class SharedClient:
             with open(p, "wb") as f:
                 f.truncate(size)
         self.files = [open(p, "r+b") for p in self.paths]
-        import mmap
         self.maps = [mmap.mmap(f.fileno(), size) for f in self.files]
         self.channel = grpc.insecure_channel(worker.address)
         self.stub = pb_grpc.WorkerStub(self.channel)
@@ -56,10 +58,6 @@ class SharedClient:
     def run(self, stage, params, batches, *, offer=None, send_shared=True, in_flight=2):
         """Runs `batches` one at a time (at most `in_flight` unanswered); returns (Opened, outputs,
         how many outputs came through shared memory, how many inputs went that way)."""
-        import json
-        import queue
-        import threading
-
         schema = batches[0].schema
         requests: "queue.Queue" = queue.Queue()
         requests.put(pb.RunRequest(open=pb.Open(stage=stage, params_json=json.dumps(params),

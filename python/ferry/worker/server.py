@@ -192,15 +192,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if kind == "end":
                     ended = True
                     break
+                if pair is not None:
+                    pair.acknowledge(owner, req.batch.outputs_read)
                 if req.batch.shared_length:
                     if pair is None:
                         raise ProtocolError("A batch in shared memory on a Run stream whose Opened did not accept "
                                             "shared memory")
-                    pair.acknowledge(owner, req.batch.outputs_read)
                     data = pair.read_input(req.batch.shared_offset, req.batch.shared_length)
                 else:
-                    if pair is not None:
-                        pair.acknowledge(owner, req.batch.outputs_read)
                     data = req.batch.arrow
                 batch = arrow.batch_from_bytes(data, in_schema)
                 t0 = time.perf_counter()
