@@ -23,24 +23,28 @@ class SharedMemorySuite extends AnyFunSuite with SparkSuite {
   /** Equality without printing a 200,000-element vector when it fails. */
   private def same[T](a: Seq[T], b: Seq[T]): Boolean = a == b
 
-  private def runIdentity(conf: FerryConf, xs: Seq[Double], batchRows: Int): (Seq[Double], Long, Boolean) = {
+  private def runIdentity(conf: FerryConf, xs: Seq[Double], batchRows: Int): (Seq[Double], Long, Boolean) =
+    WorkerPool.get(conf).withClient(runOn(_, conf, "identity", "{}", xs, batchRows))
+
+  /** Runs `stage` over one double column `x`; (the first output column, batches shared, client's state). */
+  private def runOn(client: WorkerClient, conf: FerryConf, stage: String, params: String, xs: Seq[Double],
+      batchRows: Int, stopAfter: Option[Int] = None): (Seq[Double], Long, Boolean) = {
     val schema = StructType(Seq(StructField("x", DoubleType)))
     val alloc = ArrowBatches.newAllocator("shm-test", conf)
     val writer = new ArrowBatches.Writer(schema, alloc, batchRows, 64L << 20)
     try {
-      WorkerPool.get(conf).withClient { client =>
-        val rows = xs.iterator.map(v => org.apache.spark.sql.catalyst.InternalRow(v))
-        val stream = client.run("identity", "{}", ArrowBatches.serializeSchema(writer.arrowSchema),
-          writer.batches(rows), maxInFlight = 4)
-        val reader = new ArrowBatches.Reader(stream.outputSchema, alloc, "identity")
-        try {
-          val back = stream.flatMap(m => reader.externalRows(m).map(_.getDouble(0)).toVector).toVector
-          assert(stream.completed)
-          (back, stream.sharedBatches, client.usesSharedMemory)
-        } finally {
-          stream.close()
-          reader.close()
-        }
+      val rows = xs.iterator.map(v => org.apache.spark.sql.catalyst.InternalRow(v))
+      val stream = client.run(stage, params, ArrowBatches.serializeSchema(writer.arrowSchema),
+        writer.batches(rows), maxInFlight = 4)
+      val reader = new ArrowBatches.Reader(stream.outputSchema, alloc, stage)
+      try {
+        val batches = stopAfter.fold(stream: Iterator[com.google.protobuf.ByteString])(stream.take)
+        val back = batches.flatMap(m => reader.externalRows(m).map(_.getDouble(0)).toVector).toVector
+        if (stopAfter.isEmpty) assert(stream.completed)
+        (back, stream.sharedBatches, client.usesSharedMemory)
+      } finally {
+        stream.close()
+        reader.close()
       }
     } finally {
       writer.close()
@@ -91,6 +95,24 @@ class SharedMemorySuite extends AnyFunSuite with SparkSuite {
     assert(same(on._1, rows) && same(off._1, rows))
     assert(on._2.length == n + 3 && same(on._2, off._2))
     assert(leftFiles.isEmpty, s"files left under /dev/shm: $leftFiles")
+  }
+
+  test("a stream given up half-way leaves the files fit for the next stream of the same client") {
+    assume(Files.isWritable(shm), "no writable /dev/shm")
+    val conf = FerryConf.get(spark)
+    WorkerPool.get(conf).withClient { client =>
+      val xs = Seq.tabulate(100000)(i => i * 0.25 - 7.0)
+      for (round <- 0 until 3) {
+        // The worker is still answering the abandoned stream's queued batches (writing into its
+        // own regions of the output file, reading inputs the next stream overwrites) while the
+        // next stream runs on the same files.
+        val partial = runOn(client, conf, "slow", """{"seconds": 0.02}""", xs, 5000, stopAfter = Some(2))
+        assert(same(partial._1, xs.take(10000)), s"round $round: the abandoned stream's first outputs")
+        val next = runOn(client, conf, "scale", """{"factor": -2}""", xs, 5000)
+        assert(same(next._1, xs.map(_ * -2)), s"round $round: the next stream's outputs")
+        assert(next._2 == 40 && next._3, s"round $round: ${next._2} batches shared")
+      }
+    }
   }
 
   test("bad settings are refused with the key's name") {
