@@ -89,10 +89,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._lock = threading.Lock()
         self._shared = SharedMemoryTable()
 
-    def _message(self, out: pa.RecordBatch, stage: str, shared: tuple[SharedPair, object, int] | None = None) -> bytes:
+    def _message(self, out: pa.RecordBatch, stage: str, pair: SharedPair | None = None, owner: object = None,
+                 index: int = 0) -> bytes:
         """An output batch as an encoded RunResponse, or a clear error when it is over the message
         limit (gRPC would drop the stream with a bare RESOURCE_EXHAUSTED that reads like a dead
-        worker)."""
+        worker). With a shared-memory ``pair``, the batch goes into its output file where it fits,
+        as output ``index`` of the stream ``owner``."""
         data = out.serialize()
         if data.size > self._max_message - 1024:
             biggest = max((c.nbytes for c in out.columns), default=0) // max(out.num_rows, 1)
@@ -101,8 +103,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"{self._max_message:,}-byte message limit (about {biggest:,} bytes per row). Raise the limit "
                 "(spark.ferry.grpc.maxMessageBytes from Spark, ferry worker --max-message-bytes), or send "
                 "smaller rows (e.g. smaller tiles)")
-        if shared is not None:
-            pair, owner, index = shared
+        if pair is not None:
             offset = pair.write_output(data, owner, index)
             if offset is not None:
                 return pb.RunResponse(batch=pb.Batch(shared_offset=offset, shared_length=data.size)).SerializeToString()
@@ -209,7 +210,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 m.rows_in += batch.num_rows
                 m.batches_out += 1
                 m.rows_out += out.num_rows
-                yield self._message(out, stage_name, None if pair is None else (pair, owner, m.batches_out - 1))
+                yield self._message(out, stage_name, pair, owner, m.batches_out - 1)
             if not ended:
                 raise ProtocolError("The Run stream closed without End; the client may have died")
             tail = processor.finish() if hasattr(processor, "finish") else None
@@ -218,7 +219,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if out.num_rows:
                     m.batches_out += 1
                     m.rows_out += out.num_rows
-                    yield self._message(out, stage_name, None if pair is None else (pair, owner, m.batches_out - 1))
+                    yield self._message(out, stage_name, pair, owner, m.batches_out - 1)
             yield pb.RunResponse(metrics=m)
             yield pb.RunResponse(end=pb.End())
         except Exception as e:  # noqa: BLE001 - every failure becomes a typed status
