@@ -54,6 +54,22 @@ class RunningSum:
         return {"total": [self.total]}
 
 
+@stage("running_sums", params=[Param("pieces", "int", "Batches finish yields.", default=3)],
+       output_schema=lambda schema, params: pa.schema([("piece", pa.int64()), ("total", pa.float64())]),
+       doc="Stateful: emits nothing per batch; when the stream ends, `pieces` batches (a generator), "
+           "the sum of column x in each.")
+class RunningSums:
+    def __init__(self, pieces):
+        self.pieces, self.total = pieces, 0.0
+
+    def process(self, batch):
+        self.total += float(np.sum(batch.column("x").to_numpy(zero_copy_only=False)))
+        return None
+
+    def finish(self):
+        return ({"piece": [i], "total": [self.total]} for i in range(self.pieces))
+
+
 @stage("repeat", params=[Param("times", "int", "Copies of each row.", check=lambda v: None if v >= 1 else "must be >= 1")],
        output_schema=lambda schema, params: schema, doc="Each input row `times` times (output larger than input).")
 def repeat(batch, times):

@@ -804,8 +804,7 @@ def run_stage(name, params, batches):
     schema = st.output_schema(batches[0].schema, resolved)
     proc = st.open(resolved)
     outs = [proc.process(b) for b in batches]
-    tail = proc.finish()
-    outs = [o for o in outs + [tail] if o is not None]
+    outs = [o for o in outs + list(registry.finish_results(proc)) if o is not None]
     for o in outs:
         assert o.schema.equals(schema)
     return outs
@@ -1124,7 +1123,8 @@ def combiner_rows(op, src, grid, budget):
             assert pushed is not None
             rows += pushed
             most = max(most, comb.bytes)
-    rows += comb.send_all()
+    for sent in comb.drain():
+        rows += sent
     assert comb.bytes == 0 and not comb.held
     sums = {}
     for t, _, s, arr in rows:
@@ -1160,6 +1160,63 @@ def test_combiner_holds_at_most_its_budget_and_stays_exact():
     assert max(len(v) for v in sums.values()) > 1
     for t, parts in sums.items():
         np.testing.assert_array_equal(combine(parts, np.int64), want[t])
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.uint8, np.uint16, np.uint32, np.bool_])
+def test_combiner_keeps_sums_in_the_dtype_their_bounds_need_and_widens_exactly(dtype):
+    rng = np.random.default_rng(14)
+    op = T.get_operator("convolve2d", kernel=np.ones((1, 1)))  # any linear operator: add() only sums
+    target, shape = TileKey("i", 0, 0, 0), (6, 5)
+    info = np.iinfo(dtype) if dtype is not np.bool_ else np.iinfo(np.uint8)
+    hi = 1 if dtype is np.bool_ else info.max
+    # Partials at the dtype's extremes: each added one can push the bounds past the sum's dtype.
+    parts = [rng.integers(info.min, hi, size=shape, endpoint=True).astype(dtype) for _ in range(5)]
+    parts[1][:] = hi
+    comb = T._Combiner(op, 1 << 20)
+    sizes = []
+    for i, p in enumerate(parts):
+        assert comb.add(target, shape, TileKey("i", 0, i, 0), p) == []
+        acc = comb.held[target][0]
+        sizes.append(acc.dtype.itemsize)
+        assert comb.bytes == acc.nbytes
+        np.testing.assert_array_equal(acc, np.sum(np.stack(parts[:i + 1]), axis=0))  # exact all along
+    assert sizes == sorted(sizes)  # widened only, and only when the bounds asked for it
+    if dtype is not np.bool_:
+        assert sizes[0] == np.dtype(dtype).itemsize < sizes[-1]
+    else:
+        assert sizes == [1] * 5  # 0/1 values: int8 holds five of them
+    (sent,) = [rows for rows in comb.drain()]
+    assert comb.bytes == 0 and not comb.held
+    total = np.sum(np.stack(parts), axis=0)
+    arr = sent[0][3]
+    np.testing.assert_array_equal(arr, total)
+    assert arr.dtype.kind == total.dtype.kind and T._sum_dtype(arr.dtype) == total.dtype
+    assert [r[2] for r in sent] == [TileKey("i", 0, i, 0) for i in range(5)] and all(r[3] is None for r in sent[1:])
+
+
+def test_combiner_sends_a_sum_as_narrow_as_its_values_when_its_bounds_are_wide():
+    op = T.get_operator("threshold_sum", threshold=40000)
+    target, shape = TileKey("i", 0, 0, 0), (4, 4)
+    p = np.arange(-30000, 30000, 3750, dtype=np.int16).reshape(shape)
+    comb = T._Combiner(op, 1 << 20)
+    comb.add(target, shape, TileKey("i", 0, 0, 0), p)
+    comb.add(target, shape, TileKey("i", 0, 1, 0), -p)  # bounds -60000..60000: kept in int32
+    assert comb.held[target][0].dtype == np.int32
+    (sent,) = list(comb.drain())
+    assert sent[0][3].dtype == np.int8 and not sent[0][3].any()  # every sum is 0
+
+
+def test_emit_finish_yields_a_batch_per_target_sum():
+    image = np.random.default_rng(3).integers(-127, 20, size=(12, 12, 2)).astype(np.int16)
+    src = source_of(image, (4, 4))
+    params = registry.get("tiles_emit").resolve_params(stage_params("threshold_sum", image, (4, 4)))
+    emit = registry.get("tiles_emit").open(params)
+    assert emit.process(tile_batch(src.tiles)).num_rows == 0  # every partial is held for its sum
+    pieces = list(registry.finish_results(emit))
+    assert len(pieces) == 9
+    for b in pieces:
+        targets = set(zip(b.column("x").to_pylist(), b.column("y").to_pylist()))
+        assert len(targets) == 1 and sum(len(v) > 0 for v in b.column("pixels").to_pylist()) == 1
 
 
 def test_user_linear_operator_with_its_own_integer_dtype_is_not_summed_in_the_emit():
@@ -1200,7 +1257,7 @@ for op in ("threshold_sum", "median"):
     p = registry.get("tiles_emit").resolve_params({"operator": op, "tile_height": 4, "tile_width": 4,
                                                    "image_height": 12, "image_width": 12})
     emit = registry.get("tiles_emit").open(p)
-    out = [b for b in (emit.process(batch), emit.finish()) if b is not None and b.num_rows]
+    out = [b for b in (emit.process(batch), *registry.finish_results(emit)) if b is not None and b.num_rows]
     reduce = registry.get("tiles_reduce").open(p)
     for b in out:
         reduce.process(b)

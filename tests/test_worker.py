@@ -74,6 +74,16 @@ def test_stateful_stage_emits_at_end(client):
     assert out.column("total").to_pylist() == [6.5]
 
 
+def test_finish_may_yield_several_batches_each_sent_as_its_own(client):
+    out = list(client.run("running_sums", {"pieces": 4}, [pa.record_batch({"x": [1.0, 2.0]})] * 3))
+    # An empty batch answers each input; then the four pieces, one message each.
+    assert [b.num_rows for b in out] == [0, 0, 0, 1, 1, 1, 1]
+    assert [b.column("piece")[0].as_py() for b in out[3:]] == [0, 1, 2, 3]
+    assert {b.column("total")[0].as_py() for b in out[3:]} == {9.0}
+    assert client.last_metrics.batches_out == 7
+    assert client.run_table("running_sums", {"pieces": 0}, pa.table({"x": [1.0]})).num_rows == 0
+
+
 def test_resources_are_content_addressed(client):
     digest = client.put_resource(b"model bytes" * 1000)
     assert len(digest) == 64

@@ -7,14 +7,16 @@ wrappers validate params and compute output schemas from the same source of trut
 A stateless map stage is a function ``fn(batch: pa.RecordBatch, **params) -> pa.RecordBatch``.
 A stateful map stage is a class instantiated once per Run with the params as keyword arguments
 (and ``resources=`` when it reads resources), with ``process(batch) -> pa.RecordBatch`` and an
-optional ``finish() -> pa.RecordBatch | None`` called when the stream ends.
+optional ``finish()`` called when the stream ends. ``finish`` returns None, one batch, or an
+iterable of batches: a stage that holds much back (sums, whole images) yields it in pieces, so
+the first piece travels while the next is made and no batch has to hold it all.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import json
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 
@@ -182,6 +184,17 @@ class _FunctionProcessor:
 
     def finish(self):
         return None
+
+
+def finish_results(processor) -> Iterator:
+    """What ``processor.finish()`` returned, as a sequence: nothing, the one result, or each
+    result of the iterable it returned (see the module doc)."""
+    got = processor.finish() if hasattr(processor, "finish") else None
+    if got is None:
+        return iter(())
+    if isinstance(got, (pa.RecordBatch, pa.Table, dict)):
+        return iter((got,))
+    return iter(got)
 
 
 _STAGES: dict[str, Stage] = {}

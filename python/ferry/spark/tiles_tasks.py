@@ -54,9 +54,9 @@ def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> It
             extras.update(_source_extras(one, params))
             if out.num_rows:
                 yield _with_extras(out, extras)
-    tail = proc.finish()
-    if tail is not None and tail.num_rows:
-        yield _with_extras(tail, extras)
+    for tail in registry.finish_results(proc):
+        if tail.num_rows:
+            yield _with_extras(tail, extras)
 
 
 def _source_extras(src: pa.RecordBatch, params: dict) -> dict[TileKey, tuple]:

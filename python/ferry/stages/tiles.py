@@ -1458,24 +1458,28 @@ class _Combiner:
     travel instead as one row, labelled with one of its sources; each other source it holds gets a
     row with empty pixels, so tiles_reduce still sees every (source, target) pair once (and
     catches duplicate tiles). Only integer partials are combined: integer sums do not depend on
-    their order, so the reduce's result is bit for bit the same; float sums would. A sum is sent
-    in the narrowest integer dtype that holds its values and that the reduce treats as the
-    partials' own (same sum dtype, same output dtype).
+    their order, so the reduce's result is bit for bit the same; float sums would.
+
+    A sum is kept in the narrowest integer dtype its bounds (the sums of its partials' minima and
+    maxima) fit, widened when an added partial's bounds would leave it: threshold_sum's int16
+    partials add up in int16, at half the memory and bandwidth of an int32 accumulator. It is sent
+    in the narrowest dtype that holds its values and that the reduce treats as the partials' own
+    (same sum dtype, same output dtype). Past the widest such dtype a sum wraps, as np.sum does.
 
     Sums are held up to ``budget`` bytes; past it, the least recently updated one is sent first.
     """
 
-    #: Partials of at most 16 bits add up in int32 without overflow for this many sources.
-    _INT32_TERMS = 32767
-
     def __init__(self, op: Operator, budget: int):
         self.op, self.budget = op, budget
-        self.held: dict[TileKey, list] = {}  # target -> [sum, partial dtype, (h, w), sources]; oldest first
+        # target -> [sum, partial dtype, (h, w), sources, low bound, high bound]; oldest first
+        self.held: dict[TileKey, list] = {}
         self.bytes = 0
-        self._plans: dict[np.dtype, tuple | None] = {}
+        self._plans: dict[np.dtype, list | None] = {}
+        self._last: tuple | None = None  # (partial, low, high): a source's targets often share one array
 
-    def _plan(self, dtype: np.dtype):
-        """(accumulator dtype, candidate dtypes to send, narrowest first), or None: not combinable."""
+    def _plan(self, dtype: np.dtype) -> list | None:
+        """The dtypes a sum of these partials may be kept and sent in, narrowest first (the last
+        is np.sum's), or None: not combinable."""
         if dtype not in self._plans:
             plan = None
             if dtype.kind in "biu":
@@ -1484,49 +1488,76 @@ class _Combiner:
                 unsigned = [np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64)]
                 ok = [d for d in (unsigned if total.kind == "u" else signed)
                       if _sum_dtype(d) == total and self.op.out_dtype(d) == self.op.out_dtype(dtype)]
-                if total in ok:
-                    acc = np.dtype(np.int32) if dtype.itemsize <= 2 else total
-                    plan = (acc, ok)
+                if ok and ok[-1] == total:
+                    plan = ok
             self._plans[dtype] = plan
         return self._plans[dtype]
+
+    def _bounds(self, partial: np.ndarray) -> tuple[int, int]:
+        if self._last is None or self._last[0] is not partial:
+            lo, hi = (int(partial.min()), int(partial.max())) if partial.size else (0, 0)
+            self._last = (partial, lo, hi)
+        return self._last[1], self._last[2]
+
+    @staticmethod
+    def _fitting(plan: list, lo: int, hi: int) -> np.dtype:
+        return next((d for d in plan if np.iinfo(d).min <= lo and hi <= np.iinfo(d).max), plan[-1])
 
     def add(self, target: TileKey, shape: tuple[int, int], source: TileKey, partial: np.ndarray) -> list | None:
         """Takes the partial (and returns the rows it pushed out), or returns None: send it as is."""
         plan = self._plan(partial.dtype)
         if plan is None:
             return None
+        lo, hi = self._bounds(partial)
         out = []
         entry = self.held.get(target)
-        if entry is not None and (entry[1] != partial.dtype or len(entry[3]) >= self._INT32_TERMS):
+        if entry is not None and entry[1] != partial.dtype:
             out += self._send(target)
             entry = None
         if entry is None:
-            need = partial.size * plan[0].itemsize
+            dtype = self._fitting(plan, lo, hi)
+            if partial.dtype in plan and partial.dtype.itemsize > dtype.itemsize:
+                dtype = partial.dtype  # more partials will come: no narrower copy to widen again
+            need = partial.size * dtype.itemsize
             if need > self.budget:
                 return None
             while self.held and self.bytes + need > self.budget:
                 out += self._send(next(iter(self.held)))
-            self.held[target] = [np.array(partial, dtype=plan[0]), partial.dtype, shape, [source]]
+            self.held[target] = [np.array(partial, dtype=dtype), partial.dtype, shape, [source], lo, hi]
             self.bytes += need
             return out
-        entry[0] += partial
+        entry[4] += lo
+        entry[5] += hi
+        acc = entry[0]
+        wider = self._fitting(plan, entry[4], entry[5])
+        if wider.itemsize > acc.itemsize:
+            self.bytes -= acc.nbytes
+            entry[0] = acc = acc.astype(wider)
+            self.bytes += acc.nbytes
+            while self.bytes > self.budget and len(self.held) > 1:
+                out += self._send(next(t for t in self.held if t != target))
+        np.add(acc, partial, out=acc, casting="unsafe")  # exact below the widest dtype, wrapping past it
         entry[3].append(source)
         self.held[target] = self.held.pop(target)  # most recently updated last
         return out
 
     def _send(self, target: TileKey) -> list:
-        acc, dtype, shape, sources = self.held.pop(target)
+        acc, dtype, shape, sources, lo, hi = self.held.pop(target)
         self.bytes -= acc.nbytes
-        lo, hi = (int(acc.min()), int(acc.max())) if acc.size else (0, 0)
-        narrow = next(d for d in self._plans[dtype][1] if np.iinfo(d).min <= lo and hi <= np.iinfo(d).max)
+        plan = self._plans[dtype]
+        narrow = self._fitting(plan, lo, hi)
+        if narrow.itemsize > dtype.itemsize and acc.size:
+            # The bounds allow wider values than the partials': the values themselves may not need it.
+            narrow = self._fitting(plan, int(acc.min()), int(acc.max()))
         rows = [(target, shape, sources[0], acc.astype(narrow, copy=False))]
         return rows + [(target, shape, s, None) for s in sources[1:]]
 
-    def send_all(self) -> list:
-        out = []
+    def drain(self) -> Iterator[list]:
+        """The rows of every held sum, one target's at a time, oldest first; each sum's memory
+        goes as its rows do."""
+        self._last = None
         while self.held:
-            out += self._send(next(iter(self.held)))
-        return out
+            yield self._send(next(iter(self.held)))
 
 
 def _emit_batch(rows: list) -> pa.RecordBatch:
@@ -1583,8 +1614,9 @@ class EmitStage:
         return _emit_batch(out)
 
     def finish(self):
-        rows = [] if self.combiner is None else self.combiner.send_all()
-        return _emit_batch(rows) if rows else None
+        # A batch per target: each sum travels (and leaves this worker's memory) while the next
+        # is narrowed, rather than all of them in one batch at the end.
+        return None if self.combiner is None else (_emit_batch(rows) for rows in self.combiner.drain())
 
 
 @stage("tiles_reduce", kind="group", params=_PARAMS, output_schema=_reduce_schema,

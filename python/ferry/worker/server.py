@@ -213,8 +213,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 yield self._message(out, stage_name, pair, owner, m.batches_out - 1)
             if not ended:
                 raise ProtocolError("The Run stream closed without End; the client may have died")
-            tail = processor.finish() if hasattr(processor, "finish") else None
-            if tail is not None:
+            for tail in registry.finish_results(processor):
                 out = _as_batch(tail, out_schema, stage_name)
                 if out.num_rows:
                     m.batches_out += 1
