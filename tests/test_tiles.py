@@ -886,15 +886,37 @@ def test_auto_strategy_per_image_from_its_halo_region():
               for r in emitted.to_pylist()}
     assert shapes[("thin", 16, 0, 0, 0)] == (16, 1)   # column 15 of tile (0, 0): target (16, 0)'s left halo
     assert shapes[("wide", 4, 0, 0, 0)] == (4, 4)
-    # The reduce learns each target's tile size from columns (ferry.spark's emit adds them).
+    # Each emitted row carries its image's tile size, so the reduce needs no tile-size params.
     ids = emitted.column("image_id").to_pylist()
     for c in ("tile_height", "tile_width"):
-        emitted = emitted.append_column(c, pa.array([getattr(grids[(i, 0)], c) for i in ids], pa.int64()))
+        assert emitted.column(c).to_pylist() == [getattr(grids[(i, 0)], c) for i in ids]
     reduced = run_stage("tiles_reduce", params, emitted.to_batches(max_chunksize=5))
     out = {}
     for b in reduced:
         out.update(batch_tiles(b))
     assert set(out) == set(got) and all(np.array_equal(out[t], got[t]) for t in got)
+
+
+def test_tiles_of_one_image_with_two_tile_sizes_fail_in_the_emit_and_in_the_reduce():
+    image = np.random.default_rng(5).standard_normal((8, 8))
+    src = source_of(image, (4, 4))
+    keys = sorted(src.tiles)
+    sizes = [4, 4, 4, 2]  # the last tile claims another tile size
+    batch = tile_batch(src.tiles, image_height=[8] * 4, image_width=[8] * 4, tile_height=sizes, tile_width=[4] * 4)
+    params = {"operator": "convolve2d", "operator_params": {"kernel": np.ones((3, 3)).tolist()}}
+    with pytest.raises(TileError, match=r"x=4, y=4\): has tile size 2x4 but other tiles of image 'img' \(z=0\) "
+                                        "have 4x4; one image has one tile size"):
+        run_stage("tiles_emit", params, [batch])
+    # Apart in two emit streams (two partitions), the rows of a target they share disagree in the reduce.
+    one = run_stage("tiles_emit", params, [batch.slice(0, 3)])
+    two = run_stage("tiles_emit", params, [tile_batch({keys[3]: src.tiles[keys[3]]}, image_height=[8], image_width=[8],
+                                           tile_height=[4], tile_width=[4])])
+    assert two[0].column("tile_height").to_pylist()[0] == 4
+    bad = pa.Table.from_batches(two).to_pylist()
+    for r in bad:
+        r["tile_height"] = 2
+    with pytest.raises(TileError, match="has tile size 2x4 but other tiles of image 'img'"):
+        run_stage("tiles_reduce", params, one + pa.Table.from_pylist(bad, schema=T.EMIT_SCHEMA).to_batches())
 
 
 def test_stage_image_size_from_params_and_inferred():

@@ -3,10 +3,8 @@ reduce of one target. Kept apart from the pyspark.ml classes so a Python worker 
 numpy, pyarrow and the tiles stages.
 
 Both wrap the registered stages ``tiles_emit`` and ``tiles_reduce``; they add only what the
-stages cannot know inside one partition or one target: the tile size each emitted row's image
-has (the reduce needs it, and the input may give it per row), and each source's dtype and
-channels, so a target whose sources disagree fails naming them (one partition's emit sees
-only its own tiles).
+stages cannot know inside one partition or one target: each source's dtype and channels, so a
+target whose sources disagree fails naming them (one partition's emit sees only its own tiles).
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from ferry.spark.zip_imports import keep_spark_zip_directories
 from ferry.stages.tiles import EMIT_SCHEMA, TileError, TileKey, binary_cells, decode_tile
 
 #: Columns the emit adds to tiles_emit's rows for the reduce.
-EXTRA = pa.schema([("tile_height", pa.int64()), ("tile_width", pa.int64()), ("source_kind", pa.string())])
+EXTRA = pa.schema([("source_kind", pa.string())])
 SHUFFLE_SCHEMA = pa.schema(list(EMIT_SCHEMA) + list(EXTRA))
 #: source_x and source_y of a row that only says "this target exists and has no source".
 ORPHAN = -1
@@ -43,7 +41,7 @@ def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> It
     proc = registry.get("tiles_emit").open(params)
     # What the reduce needs of each source (an emitted row may carry a source of an earlier
     # batch: tiles_emit holds integer partials back to send their sums).
-    extras: dict[TileKey, tuple] = {}
+    extras: dict[TileKey, str] = {}
     for batch in batches:
         # One source at a time: its rows (up to (2r+1)^2 target-sized partials) are the largest
         # batch this task holds, whatever spark.sql.execution.arrow.maxRecordsPerBatch says.
@@ -51,7 +49,7 @@ def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> It
             one = batch.slice(i, 1)
             out = proc.process(one)
             reads.add(1)
-            extras.update(_source_extras(one, params))
+            extras.update(_source_extras(one))
             if out.num_rows:
                 yield _with_extras(out, extras)
     for tail in registry.finish_results(proc):
@@ -59,28 +57,22 @@ def emit_partition(batches: Iterator[pa.RecordBatch], params: dict, reads) -> It
             yield _with_extras(tail, extras)
 
 
-def _source_extras(src: pa.RecordBatch, params: dict) -> dict[TileKey, tuple]:
+def _source_extras(src: pa.RecordBatch) -> dict[TileKey, str]:
     cols = {c: src.column(c).to_pylist() for c in ("image_id", "z", "x", "y")}
-    size = {c: (src.column(c).to_pylist() if c in src.schema.names else [params[c]] * src.num_rows)
-            for c in ("tile_height", "tile_width")}
     pixels = binary_cells(src.column("pixels"))
     per_source = {}
     for i in range(src.num_rows):
         key = TileKey(cols["image_id"][i], cols["z"][i], cols["x"][i], cols["y"][i])
-        th, tw = size["tile_height"][i], size["tile_width"][i]
         # tiles_emit has checked the bytes already: this re-reads the header only (no copy).
-        per_source[key] = (params["tile_height"] if th is None else th, params["tile_width"] if tw is None else tw,
-                           kind_of(decode_tile(pixels[i], key)))
+        per_source[key] = kind_of(decode_tile(pixels[i], key))
     return per_source
 
 
-def _with_extras(out: pa.RecordBatch, per_source: dict[TileKey, tuple]) -> pa.RecordBatch:
+def _with_extras(out: pa.RecordBatch, per_source: dict[TileKey, str]) -> pa.RecordBatch:
     ids, zs = out.column("image_id").to_pylist(), out.column("z").to_pylist()
     sx, sy = out.column("source_x").to_pylist(), out.column("source_y").to_pylist()
-    extra = [per_source[TileKey(ids[i], zs[i], sx[i], sy[i])] for i in range(out.num_rows)]
-    arrays = list(out.columns) + [tiles.int_column(e[0] for e in extra), tiles.int_column(e[1] for e in extra),
-                                  tiles.string_column(e[2] for e in extra)]
-    return pa.RecordBatch.from_arrays(arrays, schema=SHUFFLE_SCHEMA)
+    kinds = [per_source[TileKey(ids[i], zs[i], sx[i], sy[i])] for i in range(out.num_rows)]
+    return pa.RecordBatch.from_arrays(list(out.columns) + [tiles.string_column(kinds)], schema=SHUFFLE_SCHEMA)
 
 
 def reduce_target(batches: Iterator[pa.RecordBatch], params: dict) -> Iterator[pa.RecordBatch]:

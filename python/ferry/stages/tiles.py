@@ -1281,7 +1281,9 @@ TILE_SCHEMA = pa.schema([("image_id", pa.string()), ("z", pa.int32()), ("x", pa.
                          ("pixels", pa.binary())])
 EMIT_SCHEMA = pa.schema([("image_id", pa.string()), ("z", pa.int32()), ("x", pa.int64()), ("y", pa.int64()),
                          ("height", pa.int64()), ("width", pa.int64()),
-                         ("source_x", pa.int64()), ("source_y", pa.int64()), ("pixels", pa.binary())])
+                         ("source_x", pa.int64()), ("source_y", pa.int64()), ("pixels", pa.binary()),
+                         # The target's image's tile size: the reduce needs no tile-size params.
+                         ("tile_height", pa.int64()), ("tile_width", pa.int64())])
 _BINARY = (pa.binary(), pa.large_binary())
 _INT = (pa.int32(), pa.int64())
 
@@ -1560,14 +1562,23 @@ class _Combiner:
             yield self._send(next(iter(self.held)))
 
 
-def _emit_batch(rows: list) -> pa.RecordBatch:
-    """tiles_emit's rows (target, (h, w), source, pixels or None) as a batch."""
+def _emit_batch(rows: list, tile_shapes: Mapping[tuple[str, int], tuple[int, int]]) -> pa.RecordBatch:
+    """tiles_emit's rows (target, (h, w), source, pixels or None) as a batch; ``tile_shapes``:
+    each image's tile size."""
+    tile = [tile_shapes[t.image] for t, _, _, _ in rows]
     return pa.RecordBatch.from_arrays(
         [string_column(t.image_id for t, _, _, _ in rows), int_column((t.z for t, _, _, _ in rows), pa.int32()),
          int_column(t.x for t, _, _, _ in rows), int_column(t.y for t, _, _, _ in rows),
          int_column(hw[0] for _, hw, _, _ in rows), int_column(hw[1] for _, hw, _, _ in rows),
          int_column(s.x for _, _, s, _ in rows), int_column(s.y for _, _, s, _ in rows),
-         encode_tiles(p for _, _, _, p in rows)], schema=EMIT_SCHEMA)
+         encode_tiles(p for _, _, _, p in rows), int_column(th for th, _ in tile), int_column(tw for _, tw in tile)],
+        schema=EMIT_SCHEMA)
+
+
+def _tile_size_mismatch(key: TileKey, got: tuple[int, int], want: tuple[int, int]) -> TileError:
+    return TileError(key, f"has tile size {got[0]}x{got[1]} but other tiles of image {key.image_id!r} (z={key.z}) "
+                          f"have {want[0]}x{want[1]}; one image has one tile size: fix the tile_height and "
+                          "tile_width columns, or run one TileReconstruct per tile size")
 
 
 @stage("tiles_emit", kind="map", params=_PARAMS, output_schema=_emit_schema,
@@ -1583,6 +1594,7 @@ class EmitStage:
         self.params = params
         self.op = _operator_from(params)
         self.profiles: dict = {}
+        self.tile_shapes: dict[tuple[str, int], tuple[int, int]] = {}
         self.combiner = _Combiner(self.op, params["combine_mb"] << 20) if params["combine_mb"] > 0 else None
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -1590,6 +1602,9 @@ class EmitStage:
         for row in _rows(batch, [f.name for f in TILE_SCHEMA] + list(_GEOMETRY_COLUMNS)):
             key = TileKey(row["image_id"], row["z"], row["x"], row["y"])
             grid = _grid_of_row(row, self.params, need_size=True)
+            known = self.tile_shapes.setdefault(key.image, grid.tile_shape)
+            if known != grid.tile_shape:
+                raise _tile_size_mismatch(key, grid.tile_shape, known)
             self.op.check(grid, key.image)
             r = _radius(self.op, grid, key.image, None if self.params["radius"] < 0 else self.params["radius"])
             tile = check_tile(key, decode_tile(row["pixels"], key), grid, self.profiles.setdefault(key.image, {}))
@@ -1611,12 +1626,13 @@ class EmitStage:
                     out.append((t, shape, key, arr))
                 else:
                     out += pushed
-        return _emit_batch(out)
+        return _emit_batch(out, self.tile_shapes)
 
     def finish(self):
         # A batch per target: each sum travels (and leaves this worker's memory) while the next
         # is narrowed, rather than all of them in one batch at the end.
-        return None if self.combiner is None else (_emit_batch(rows) for rows in self.combiner.drain())
+        return None if self.combiner is None else (_emit_batch(rows, self.tile_shapes)
+                                                   for rows in self.combiner.drain())
 
 
 @stage("tiles_reduce", kind="group", params=_PARAMS, output_schema=_reduce_schema,
@@ -1633,14 +1649,16 @@ class ReduceStage:
         self.geometry: dict[TileKey, tuple] = {}
 
     def process(self, batch: pa.RecordBatch):
-        for row in _rows(batch, [f.name for f in EMIT_SCHEMA] + ["tile_height", "tile_width"]):
+        for row in _rows(batch, [f.name for f in EMIT_SCHEMA]):
             t = TileKey(row["image_id"], row["z"], row["x"], row["y"])
             s = t.moved(row["source_x"], row["source_y"])
             geometry = self.geometry.get(t)
+            tile_shape = _grid_of_row(row, self.params, need_size=False)
             if geometry is None:
-                tile_shape = _grid_of_row(row, self.params, need_size=False)
                 geometry = self.geometry[t] = ((row["height"], row["width"]),
                                                *_reduce_plan(self.op, self.params, tile_shape, t.image))
+            elif geometry[1].tile_shape != tuple(tile_shape):
+                raise _tile_size_mismatch(s, tuple(tile_shape), geometry[1].tile_shape)
             pieces = self.held.setdefault(t, {})
             if s in pieces:
                 raise TileError(s, f"reached target {t} twice: the input holds duplicate tiles at these "

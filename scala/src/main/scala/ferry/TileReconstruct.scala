@@ -4,7 +4,6 @@ import org.apache.spark.ml.Transformer
 import org.apache.spark.ml.param.{IntParam, Param, ParamMap, Params}
 import org.apache.spark.ml.util.{DefaultParamsReadable, DefaultParamsWritable, Identifiable}
 import org.apache.spark.sql.{DataFrame, Dataset}
-import org.apache.spark.sql.functions.{max, min}
 import org.apache.spark.sql.types.StructType
 
 /** Params of [[TileReconstruct]]; they mean what the `tiles_emit` / `tiles_reduce` stages' params mean. */
@@ -32,7 +31,11 @@ trait TileReconstructParams extends Params {
   final val radius: IntParam = new IntParam(this, "radius",
     "neighbourhood radius in tiles; -1 (default) = the operator's own", (v: Int) => v >= -1)
 
-  /** Tile size; -1 (default) = from the tile_height / tile_width columns (a tile store has them). */
+  /**
+   * Tile size; -1 (default) = row by row from the tile_height / tile_width columns (a tile store
+   * has them). Given here, a kernel larger than the tile fails in `transform`; from the columns, in
+   * the job's first task.
+   */
   final val tileHeight: IntParam = new IntParam(this, "tileHeight", "tile rows; -1 = from the data", (v: Int) => v >= -1)
   final val tileWidth: IntParam = new IntParam(this, "tileWidth", "tile columns; -1 = from the data", (v: Int) => v >= -1)
 
@@ -97,9 +100,9 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   def setKernel(kernel: Array[Array[Double]]): this.type =
     set(operatorParams, Json.encode(Map("kernel" -> kernel.map(_.toSeq).toSeq)))
 
-  private def stageParams(tile: (Int, Int)): String = Json.encode(Map(
+  private def stageParams(): String = Json.encode(Map(
     "operator" -> $(operator), "operator_params" -> Json.decodeObject($(operatorParams)),
-    "strategy" -> $(strategy), "radius" -> $(radius), "tile_height" -> tile._1, "tile_width" -> tile._2,
+    "strategy" -> $(strategy), "radius" -> $(radius), "tile_height" -> $(tileHeight), "tile_width" -> $(tileWidth),
     "image_height" -> $(imageHeight), "image_width" -> $(imageWidth), "output_dtype" -> $(outputDtype)) ++
     (if ($(combineMb) >= 0) Map("combine_mb" -> $(combineMb)) else Map.empty))
 
@@ -130,35 +133,30 @@ class TileReconstruct(override val uid: String) extends Transformer with TileRec
   override def transformSchema(schema: StructType): StructType = {
     checkOperator()
     checkColumns(schema)
-    describe(WorkerPool.get(PythonStage.activeConf), schema, stageParams(($(tileHeight), $(tileWidth))))._2
+    checkTileSize(schema)
+    describe(WorkerPool.get(PythonStage.activeConf), schema, stageParams())._2
   }
 
-  /** The tile size: the params, or the one size the data's tile_height / tile_width columns hold. */
-  private def tileSize(ds: Dataset[_]): (Int, Int) = {
-    if ($(tileHeight) > 0 && $(tileWidth) > 0) return ($(tileHeight), $(tileWidth))
-    if (!Seq("tile_height", "tile_width").forall(ds.columns.contains)) {
+  /**
+   * The tile size comes from the params, or row by row from the tile_height / tile_width columns
+   * (each emitted row carries it on to the reduce): no job reads them up front, and images of one
+   * DataFrame may have different tile sizes.
+   */
+  private def checkTileSize(schema: StructType): Unit = {
+    if (($(tileHeight) < 1 || $(tileWidth) < 1) && !Seq("tile_height", "tile_width").forall(schema.fieldNames.contains)) {
       throw new InvalidParamsException(TileReconstruct.Emit, "TileReconstruct needs the tile size: call " +
         "setTileSize(height, width) or give tile_height and tile_width columns (a tile store has them).")
     }
-    // Metadata columns only: Parquet never reads the pixels for this.
-    val r = ds.agg(min("tile_height"), max("tile_height"), min("tile_width"), max("tile_width")).head()
-    if (r.isNullAt(0)) return (1, 1) // no tiles: any size
-    if (r.getLong(0) != r.getLong(1) || r.getLong(2) != r.getLong(3)) {
-      throw new InvalidInputException(TileReconstruct.Emit, s"The tiles have different tile sizes " +
-        s"(${r.getLong(0)}..${r.getLong(1)} x ${r.getLong(2)}..${r.getLong(3)}); run one TileReconstruct per " +
-        "tile size (filter by tile_height and tile_width).")
-    }
-    (r.getLong(0).toInt, r.getLong(2).toInt)
   }
 
   override def transform(dataset: Dataset[_]): DataFrame = {
     checkOperator()
     checkColumns(dataset.schema)
+    checkTileSize(dataset.schema)
     val conf = FerryConf.get(dataset.sparkSession)
-    // The workers (their start takes about a second, cold) come up while the tile-size query runs.
+    // The workers (their start takes about a second, cold) come up while the query is planned.
     WorkerPool.prestartLocal(dataset.sparkSession, conf, dataset.sparkSession.sparkContext.defaultParallelism)
-    val tile = tileSize(dataset)
-    val params = stageParams(tile)
+    val params = stageParams()
     val cols = inputCols(dataset.schema)
     val (emitSchema, outSchema) = describe(WorkerPool.get(conf), dataset.schema, params)
     val reads = dataset.sparkSession.sparkContext.longAccumulator("ferry source tiles read")

@@ -117,6 +117,50 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("images of different tile sizes in one DataFrame, each on its own grid; no job reads the tile size first") {
+    val ints = intStore("mixed-int.parquet", 11, -50, 50)
+    val both = spark.read.parquet(store).unionByName(spark.read.parquet(ints))
+    val jobs = new java.util.concurrent.ConcurrentLinkedQueue[String]()
+    val listener = new org.apache.spark.scheduler.SparkListener {
+      override def onJobStart(e: org.apache.spark.scheduler.SparkListenerJobStart): Unit =
+        jobs.add(Option(e.properties).map(_.getProperty("spark.job.description", "")).getOrElse(""))
+    }
+    def marker(name: String): Unit = {
+      spark.sparkContext.setJobDescription(name)
+      try spark.range(1).count() finally spark.sparkContext.setJobDescription(null)
+    }
+    spark.sparkContext.addSparkListener(listener)
+    val out = try {
+      // Listener events arrive in order: the jobs between the two markers' are transform's.
+      marker("ferry-before")
+      // Without adaptive execution: AQE runs a plan's shuffle stages as soon as its RDD is built.
+      val out = withConf("spark.sql.adaptive.enabled" -> "false") {
+        new TileReconstruct().setOperator("median").setOperatorParams("""{"size": 3}""").transform(both)
+      }
+      marker("ferry-after")
+      val deadline = System.nanoTime() + 30L * 1000000000L
+      while (!jobs.contains("ferry-after") && System.nanoTime() < deadline) Thread.sleep(20)
+      val seen = jobs.toArray.toSeq.map(_.toString)
+      val during = seen.slice(seen.indexOf("ferry-before"), seen.indexOf("ferry-after")).filter(_ != "ferry-before")
+      assert(seen.contains("ferry-before") && during.isEmpty, seen)
+      out
+    } finally spark.sparkContext.removeSparkListener(listener)
+    val path = new File(dir, "mixed-out.parquet").getAbsolutePath
+    out.write.parquet(path)
+    py(s"""
+      |import io, numpy as np, pyarrow.parquet as pq
+      |from ferry.stages.tiles import TileKey, reconstruct
+      |from ferry.tiles_store import TileStore
+      |want = {**reconstruct(TileStore(r"$store"), "median", size=3).tiles,
+      |        **reconstruct(TileStore(r"$ints"), "median", size=3).tiles}
+      |t = pq.read_table(r"$path").to_pylist()
+      |assert len(t) == len(want) == 12 + 9 + 20, (len(t), len(want))
+      |for r in t:
+      |    got, w = np.load(io.BytesIO(r["pixels"])), want[TileKey(r["image_id"], r["z"], r["x"], r["y"])]
+      |    assert got.dtype == w.dtype and np.array_equal(got, w), (r["image_id"], r["x"], r["y"])
+      |""".stripMargin)
+  }
+
   test("outputDtype casts the output exactly (int32 and int16 equal the int64 job), or fails naming the tile") {
     val ints = intStore("int-store-dtype.parquet", 11, -3000, 3000)
     val tiles = spark.read.parquet(ints).repartition(3)
@@ -183,9 +227,18 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
       new TileReconstruct().setOperator("median").transform(tiles.drop("pixels")))
     assert(noPixels.getMessage.contains("pixels"), noPixels.getMessage)
     val big = Array.fill(17, 17)(1.0)
+    // With the tile size given, transform itself refuses the kernel; from the columns, the first task does.
     val tooBig = intercept[InvalidParamsException](
-      new TileReconstruct().setOperator("convolve2d").setKernel(big).transform(tiles))
-    assert(tooBig.getMessage.toLowerCase.contains("kernel"), tooBig.getMessage)
+      new TileReconstruct().setOperator("convolve2d").setKernel(big).setTileSize(16, 16).transform(tiles))
+    assert(tooBig.getMessage.contains("Kernel 17x17 is larger than the 16x16 tiles"), tooBig.getMessage)
+    val inTask = intercept[Exception](
+      new TileReconstruct().setOperator("convolve2d").setKernel(big).transform(tiles).collect())
+    val p = FerryException.find(inTask).getOrElse(fail("no FerryException", inTask))
+    assert(p.isInstanceOf[InvalidParamsException], p)
+    assert(p.getMessage.contains("Kernel 17x17 is larger than the 16x16 tiles of image"), p.getMessage)
+    val noSize = intercept[InvalidParamsException](
+      new TileReconstruct().setOperator("median").transform(tiles.drop("tile_height")))
+    assert(noSize.getMessage.contains("setTileSize(height, width)"), noSize.getMessage)
     val corrupt = tiles.withColumn("pixels",
       when(col("x") === 16 && col("y") === 0 && col("image_id") === "a", lit(Array[Byte](1, 2, 3)))
         .otherwise(col("pixels")))
