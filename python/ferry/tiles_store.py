@@ -42,12 +42,8 @@ PIXELS = "pixels"
 SCHEMA = METADATA_SCHEMA.append(pa.field(PIXELS, pa.binary()))
 
 #: Pixel bytes per row group: large enough for fast scans, small enough that one tile read
-#: does not fetch much more than itself, and that Spark's vectorized Parquet reader, which holds
-#: a row group's pixels in one on-heap array (grown by doubling), does not need a large
-#: contiguous block of a small heap: with 32 MB groups of 4 MB tiles, a 1 GiB driver reading the
-#: benchmark's 20000^2 store failed in 2 of 16 runs ("Cannot reserve additional contiguous bytes
-#: in the vectorized reader", OutOfMemoryError), with 8 MB groups in none of 6.
-DEFAULT_ROW_GROUP_BYTES = 8 << 20
+#: does not fetch much more than itself.
+DEFAULT_ROW_GROUP_BYTES = 32 << 20
 
 
 class TileStoreWriter:
