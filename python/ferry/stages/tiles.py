@@ -1657,8 +1657,8 @@ class ReduceStage:
             if geometry is None:
                 geometry = self.geometry[t] = ((row["height"], row["width"]),
                                                *_reduce_plan(self.op, self.params, tile_shape, t.image))
-            elif geometry[1].tile_shape != tuple(tile_shape):
-                raise _tile_size_mismatch(s, tuple(tile_shape), geometry[1].tile_shape)
+            elif geometry[1].tile_shape != tile_shape:
+                raise _tile_size_mismatch(s, tile_shape, geometry[1].tile_shape)
             pieces = self.held.setdefault(t, {})
             if s in pieces:
                 raise TileError(s, f"reached target {t} twice: the input holds duplicate tiles at these "
