@@ -113,7 +113,8 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
   /**
    * Streams the columns `cols` of `dataset` through the map stage `stage` on pooled workers and
    * returns its output rows (of `outSchema`, as `Describe` gave it), batch or streaming.
-   * `resources` (e.g. a model) are uploaded once per worker.
+   * `resources` (e.g. a model) are uploaded once per worker. No job runs here, even for a
+   * `dataset` with shuffles under adaptive execution: the input's RDD is built by the first action.
    */
   private[ferry] def execute(dataset: Dataset[_], stage: String, params: String, cols: Seq[String],
       outSchema: StructType, resources: Seq[Array[Byte]] = Nil,
@@ -128,21 +129,25 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
           (reader, msg) => reader.externalRows(msg))
       }(Encoders.row(outSchema))
     } else {
-      val input = selected.queryExecution.toRdd
-      WorkerPool.prestartLocal(dataset.sparkSession, conf, input.getNumPartitions)
-      val rdd = input.mapPartitions { rows =>
-        val counted = rowsIn.fold(rows)(acc => rows.map { r => acc.add(1); r })
-        ArrowBatches.rows(runPartition(conf, stage, params, inSchema, counted, resources)(
-          (reader, msg) => Iterator.single(reader.load(msg))))
-      }
-      InternalFrames.create(dataset.sparkSession, rdd, outSchema)
+      val spark = dataset.sparkSession
+      val rdd = new DeferredRDD(spark.sparkContext, () => {
+        val input = selected.queryExecution.toRdd
+        WorkerPool.prestartLocal(spark, conf, input.getNumPartitions)
+        input.mapPartitions { rows =>
+          val counted = rowsIn.fold(rows)(acc => rows.map { r => acc.add(1); r })
+          ArrowBatches.rows(runPartition(conf, stage, params, inSchema, counted, resources)(
+            (reader, msg) => Iterator.single(reader.load(msg))))
+        }
+      })
+      InternalFrames.create(spark, rdd, outSchema)
     }
   }
 
   /**
    * Streams each group of rows of `dataset` with equal `keys` through the group stage `stage`,
    * one Run per group: the rows are shuffled by the keys (`spark.sql.shuffle.partitions`) and
-   * sorted within partitions, so a group's rows arrive together.
+   * sorted within partitions, so a group's rows arrive together. Like [[execute]], it runs no job:
+   * the shuffle runs in the first action.
    */
   private[ferry] def executeGrouped(dataset: Dataset[_], stage: String, params: String, cols: Seq[String],
       keys: Seq[String], outSchema: StructType): DataFrame = {
@@ -151,7 +156,7 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       .repartition(keys.map(k => col(s"`$k`")): _*).sortWithinPartitions(keys.map(k => col(s"`$k`")): _*)
     val inSchema = selected.schema
     val keyOrdinals = keys.map(k => inSchema.fieldIndex(k))
-    val rdd = selected.queryExecution.toRdd.mapPartitions { rows =>
+    val rdd = new DeferredRDD(dataset.sparkSession.sparkContext, () => selected.queryExecution.toRdd.mapPartitions { rows =>
       val keyOf = UnsafeProjection.create(keyOrdinals.map(i => BoundReference(i, inSchema(i).dataType,
         inSchema(i).nullable)))
       // The scan reuses its row objects; a group is told apart by a copy of its first key.
@@ -169,7 +174,7 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
         }
       }
       runner.closingAfter(groups.flatten)
-    }
+    })
     InternalFrames.create(dataset.sparkSession, rdd, outSchema)
   }
 

@@ -74,6 +74,19 @@ class PythonStageSuite extends AnyFunSuite with SparkSuite {
     assert(viaJson == -(0 until 1000).sum.toDouble)
   }
 
+  test("transform runs no job, even over a shuffle under adaptive execution; the action runs it once") {
+    Seq("true", "false").foreach { aqe =>
+      withConf("spark.sql.adaptive.enabled" -> aqe) {
+        val df = spark.range(0, 1000, 1, 4).select(col("id").cast(DoubleType).as("x")).repartition(3)
+        val stage = new PythonStage().setStageName("scale").setParams(Map("factor" -> 2.0))
+        val (out, during) = jobsDuring(stage.transform(df))
+        assert(during.isEmpty, (aqe, during))
+        assert(out.collect().map(_.getDouble(0)).sorted.toSeq == (0 until 1000).map(_ * 2.0), aqe)
+        assert(out.count() == 1000)
+      }
+    }
+  }
+
   test("an unknown stage fails in transformSchema with UnknownStageException listing the stages") {
     val df = spark.range(3).toDF("x")
     val e = intercept[UnknownStageException] {

@@ -67,6 +67,35 @@ trait SparkSuite extends BeforeAndAfterAll { self: Suite =>
     }
   }
 
+  /**
+   * Runs `body` and returns its result with the Spark jobs that started while it ran (their
+   * descriptions; a job without one gives ""). Marker jobs before and after delimit them, as
+   * listener events arrive in order but later than the jobs.
+   */
+  def jobsDuring[T](body: => T): (T, Seq[String]) = {
+    val jobs = new java.util.concurrent.ConcurrentLinkedQueue[String]()
+    val listener = new org.apache.spark.scheduler.SparkListener {
+      override def onJobStart(e: org.apache.spark.scheduler.SparkListenerJobStart): Unit =
+        jobs.add(Option(e.properties).flatMap(p => Option(p.getProperty("spark.job.description"))).getOrElse(""))
+    }
+    def marker(name: String): Unit = {
+      spark.sparkContext.setJobDescription(name)
+      try spark.range(1).count() finally spark.sparkContext.setJobDescription(null)
+    }
+    spark.sparkContext.addSparkListener(listener)
+    try {
+      marker("ferry-before")
+      val result = body
+      marker("ferry-after")
+      val deadline = System.nanoTime() + 30L * 1000000000L
+      while (!jobs.contains("ferry-after") && System.nanoTime() < deadline) Thread.sleep(20)
+      val seen = jobs.toArray.toSeq.map(_.toString)
+      assert(seen.contains("ferry-before") && seen.contains("ferry-after"), seen)
+      // A marker may be two jobs (under adaptive execution, its aggregate's shuffle is one).
+      (result, seen.slice(seen.indexOf("ferry-before"), seen.indexOf("ferry-after")).filter(_ != "ferry-before"))
+    } finally spark.sparkContext.removeSparkListener(listener)
+  }
+
   def arrowAllocated: Long = ArrowBatches.rootAllocatorIfCreated.map(_.getAllocatedMemory).getOrElse(0L)
 
   override protected def afterAll(): Unit = {

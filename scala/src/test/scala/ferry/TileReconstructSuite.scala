@@ -117,36 +117,23 @@ class TileReconstructSuite extends AnyFunSuite with SparkSuite {
     }
   }
 
-  test("images of different tile sizes in one DataFrame, each on its own grid; no job reads the tile size first") {
+  test("images of different tile sizes in one DataFrame, each on its own grid; transform runs no job, AQE or not") {
     val ints = intStore("mixed-int.parquet", 11, -50, 50)
     val both = spark.read.parquet(store).unionByName(spark.read.parquet(ints))
-    val jobs = new java.util.concurrent.ConcurrentLinkedQueue[String]()
-    val listener = new org.apache.spark.scheduler.SparkListener {
-      override def onJobStart(e: org.apache.spark.scheduler.SparkListenerJobStart): Unit =
-        jobs.add(Option(e.properties).map(_.getProperty("spark.job.description", "")).getOrElse(""))
-    }
-    def marker(name: String): Unit = {
-      spark.sparkContext.setJobDescription(name)
-      try spark.range(1).count() finally spark.sparkContext.setJobDescription(null)
-    }
-    spark.sparkContext.addSparkListener(listener)
-    val out = try {
-      // Listener events arrive in order: the jobs between the two markers' are transform's.
-      marker("ferry-before")
-      // Without adaptive execution: AQE runs a plan's shuffle stages as soon as its RDD is built.
-      val out = withConf("spark.sql.adaptive.enabled" -> "false") {
-        new TileReconstruct().setOperator("median").setOperatorParams("""{"size": 3}""").transform(both)
+    // With adaptive execution, as without: the emit's shuffle runs in the write, not in transform.
+    val runs = Seq("true", "false").map { aqe =>
+      withConf("spark.sql.adaptive.enabled" -> aqe) {
+        val rec = new TileReconstruct().setOperator("median").setOperatorParams("""{"size": 3}""")
+        val (out, during) = jobsDuring(rec.transform(both))
+        assert(during.isEmpty && rec.getSourceReads == 0, (aqe, during, rec.getSourceReads))
+        val path = new File(dir, s"mixed-out-aqe-$aqe.parquet").getAbsolutePath
+        out.write.parquet(path)
+        assert(rec.getSourceReads == 12 + 9 + 20, (aqe, rec.getSourceReads))
+        path
       }
-      marker("ferry-after")
-      val deadline = System.nanoTime() + 30L * 1000000000L
-      while (!jobs.contains("ferry-after") && System.nanoTime() < deadline) Thread.sleep(20)
-      val seen = jobs.toArray.toSeq.map(_.toString)
-      val during = seen.slice(seen.indexOf("ferry-before"), seen.indexOf("ferry-after")).filter(_ != "ferry-before")
-      assert(seen.contains("ferry-before") && during.isEmpty, seen)
-      out
-    } finally spark.sparkContext.removeSparkListener(listener)
-    val path = new File(dir, "mixed-out.parquet").getAbsolutePath
-    out.write.parquet(path)
+    }
+    val path = runs.head
+    assert(spark.read.parquet(runs(1)).except(spark.read.parquet(path)).isEmpty)
     py(s"""
       |import io, numpy as np, pyarrow.parquet as pq
       |from ferry.stages.tiles import TileKey, reconstruct
