@@ -40,6 +40,19 @@ def test_round_trip_of_images_of_many_dtypes(tmp_path):
     assert store.keys() == sorted(store.keys())
 
 
+@pytest.mark.parametrize("limit_tiles, per_group", [(1, 1), (2, 2), (2.5, 2), (3.99, 3), (0.5, 1)])
+def test_row_groups_hold_at_most_row_group_bytes_of_pixels(tmp_path, limit_tiles, per_group):
+    # 10 tiles of 8x8 float64 (.npy: 512 bytes of pixels + the header); a tile over the limit
+    # gets a row group of its own.
+    tile_bytes = len(T.encode_tile(np.zeros((8, 8))))
+    image = np.random.default_rng(7).standard_normal((16, 40))
+    store = write_images(tmp_path / "t.parquet", {"a": image}, (8, 8), row_group_bytes=int(limit_tiles * tile_bytes))
+    meta = store._file.metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(sizes) == 10 and max(sizes) == per_group and all(n == per_group for n in sizes[:-1]), sizes
+    np.testing.assert_array_equal(assemble(dict(store.read_many(store.keys()))), image)
+
+
 def test_a_job_over_the_store_reads_each_tile_once(tmp_path):
     rng = np.random.default_rng(1)
     image = rng.standard_normal((45, 38))

@@ -41,9 +41,15 @@ METADATA_COLUMNS = tuple(METADATA_SCHEMA.names)
 PIXELS = "pixels"
 SCHEMA = METADATA_SCHEMA.append(pa.field(PIXELS, pa.binary()))
 
-#: Pixel bytes per row group: large enough for fast scans, small enough that one tile read
-#: does not fetch much more than itself.
-DEFAULT_ROW_GROUP_BYTES = 32 << 20
+#: Most pixel bytes per row group (a tile larger than this gets a row group of its own): large
+#: enough for fast scans, small enough that one tile read does not fetch much more than itself,
+#: and small enough for a small JVM heap. Spark's vectorized Parquet reader holds a row group's
+#: pixels in one on-heap array, grown by doubling; on JDK 17 a large allocation that needs a GC
+#: while another thread holds the GC locker (zstd and lz4 JNI calls do) fails with
+#: OutOfMemoryError after two retries ("Retried waiting for GCLocker too often", in a G1 log)
+#: though the heap has room. With 36 MB groups of 4 MB tiles, ferry.TileReconstruct on a
+#: 20000^2 float32 store with a 1 GiB driver failed that way in 2 of 12 runs; see README.
+DEFAULT_ROW_GROUP_BYTES = 8 << 20
 
 
 class TileStoreWriter:
@@ -120,6 +126,8 @@ class TileStoreWriter:
         self._last = key
         self._keys.add(key)
         pixels = encode_tile(tile)
+        if self._rows and self._bytes + len(pixels) > self.row_group_bytes:
+            self._flush()
         self._rows.append({
             "image_id": key.image_id, "z": key.z, "x": key.x, "y": key.y,
             "height": tile.shape[0], "width": tile.shape[1], "channels": tile.shape[2] if tile.ndim == 3 else 0,
