@@ -83,6 +83,9 @@ class PythonStageSuite extends AnyFunSuite with SparkSuite {
         assert(during.isEmpty, (aqe, during))
         assert(out.collect().map(_.getDouble(0)).sorted.toSeq == (0 until 1000).map(_ * 2.0), aqe)
         assert(out.count() == 1000)
+        // First built inside another shuffle of the output (under AQE, on that query's stage thread).
+        val byRemainder = stage.transform(df).groupBy((col("y") % 4).as("m")).count().collect()
+        assert(byRemainder.map(r => r.getDouble(0) -> r.getLong(1)).toMap == Map(0.0 -> 500L, 2.0 -> 500L), aqe)
       }
     }
   }
