@@ -126,6 +126,8 @@ class TileStoreWriter:
         self._last = key
         self._keys.add(key)
         pixels = encode_tile(tile)
+        # A group is written when the next tile would not fit (or at close), so it holds at most
+        # row_group_bytes of pixels, or one larger tile.
         if self._rows and self._bytes + len(pixels) > self.row_group_bytes:
             self._flush()
         self._rows.append({
@@ -136,8 +138,6 @@ class TileStoreWriter:
         })
         self._bytes += len(pixels)
         self.tiles_written += 1
-        if self._bytes >= self.row_group_bytes:
-            self._flush()
 
     def _flush(self):
         if self._rows:

@@ -156,7 +156,8 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       .repartition(keys.map(k => col(s"`$k`")): _*).sortWithinPartitions(keys.map(k => col(s"`$k`")): _*)
     val inSchema = selected.schema
     val keyOrdinals = keys.map(k => inSchema.fieldIndex(k))
-    val rdd = new DeferredRDD(dataset.sparkSession.sparkContext, () => selected.queryExecution.toRdd.mapPartitions { rows =>
+    val spark = dataset.sparkSession
+    val rdd = new DeferredRDD(spark.sparkContext, () => selected.queryExecution.toRdd.mapPartitions { rows =>
       val keyOf = UnsafeProjection.create(keyOrdinals.map(i => BoundReference(i, inSchema(i).dataType,
         inSchema(i).nullable)))
       // The scan reuses its row objects; a group is told apart by a copy of its first key.
@@ -175,7 +176,7 @@ object PythonStage extends DefaultParamsReadable[PythonStage] {
       }
       runner.closingAfter(groups.flatten)
     })
-    InternalFrames.create(dataset.sparkSession, rdd, outSchema)
+    InternalFrames.create(spark, rdd, outSchema)
   }
 
   private def runPartition[T](conf: FerryConf, stage: String, paramsJson: String, schema: StructType,
