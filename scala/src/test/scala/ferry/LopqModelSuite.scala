@@ -51,6 +51,17 @@ class LopqModelSuite extends AnyFunSuite with SparkSuite {
     assert(out.count() == examples.length)
   }
 
+  test("transform runs no job, over a shuffled input too (AQE on and off); the action encodes every row") {
+    val model = LopqModel.fromFile(modelFile.getAbsolutePath)
+    Seq("true", "false").foreach { aqe =>
+      withConf("spark.sql.adaptive.enabled" -> aqe) {
+        val (out, during) = jobsDuring(model.transform(vectors(3).repartition(2)))
+        assert(during.isEmpty, (aqe, during))
+        checkCodes(out, s"AQE $aqe")
+      }
+    }
+  }
+
   test("the model is uploaded once per worker, then named by digest") {
     val model = LopqModel.fromFile(modelFile.getAbsolutePath)
     assert(model.digest == WorkerClient.sha256Hex(Files.readAllBytes(modelFile.toPath)))
