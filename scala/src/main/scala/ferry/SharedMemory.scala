@@ -53,7 +53,8 @@ private object Regions {
  * copies a message out as soon as it arrives. One Run stream uses them at a time ([[tryAcquire]]).
  *
  * The files are unlinked as soon as the worker has opened them (or refused them), so nothing is
- * left under the directory once both processes exit.
+ * left under the directory once both processes exit; the two files of a JVM killed in between
+ * are deleted by the next ferry JVM on the host ([[SharedFiles.sweepStale]]).
  */
 private[ferry] final class SharedFiles private (val id: String, inputPath: Path, outputPath: Path,
     input: MappedByteBuffer, output: MappedByteBuffer, val bytes: Long) {
@@ -131,6 +132,9 @@ private[ferry] object SharedFiles {
 
   /** Two new files of `bytes` each under `dir`, mapped; None when they cannot be made (no room, no tmpfs). */
   def create(dir: Path, bytes: Long): Option[SharedFiles] = {
+    if (!swept.contains(dir)) swept.synchronized {
+      if (swept.add(dir)) sweepStale(dir, System.currentTimeMillis())
+    }
     val id = UUID.randomUUID().toString
     val pid = ProcessHandle.current().pid()
     val paths = Seq("in", "out").map(s => dir.resolve(s"ferry-$pid-$id-$s"))
@@ -149,6 +153,35 @@ private[ferry] object SharedFiles {
         paths.foreach(p => try Files.deleteIfExists(p) catch { case NonFatal(_) => })
         None
     }
+  }
+
+  private val swept = java.util.concurrent.ConcurrentHashMap.newKeySet[Path]()
+  private val Name = """ferry-(\d+)-[0-9a-f-]{36}-(?:in|out)""".r
+  /** A live client's files lose their names one round trip after they are made; older ones are debris. */
+  private[ferry] val StaleAfterMs = 60000L
+
+  /**
+   * Deletes the files that a JVM killed between making them and its worker's answer left under
+   * `dir` (their pages are memory until someone does): ferry's names, a process id that is not
+   * running, and older than [[StaleAfterMs]]. Files of other users stay (the directory's sticky
+   * bit keeps them); so does anything that cannot be read or removed. Returns the names deleted.
+   */
+  private[ferry] def sweepStale(dir: Path, nowMs: Long): Seq[String] = {
+    val deleted = Seq.newBuilder[String]
+    try {
+      val entries = Files.list(dir)
+      try entries.iterator().forEachRemaining { p =>
+        p.getFileName.toString match {
+          case name @ Name(pid) =>
+            try {
+              val old = nowMs - Files.getLastModifiedTime(p).toMillis > StaleAfterMs
+              if (old && !ProcessHandle.of(pid.toLong).isPresent && Files.deleteIfExists(p)) deleted += name
+            } catch { case NonFatal(_) => }
+          case _ =>
+        }
+      } finally entries.close()
+    } catch { case NonFatal(_) => }
+    deleted.result()
   }
 
   /** Unmaps now rather than at some later GC (the pages of a tmpfs file are memory). */

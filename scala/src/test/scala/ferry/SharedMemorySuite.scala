@@ -115,6 +115,43 @@ class SharedMemorySuite extends AnyFunSuite with SparkSuite {
     }
   }
 
+  test("files left by a JVM killed before its worker answered are deleted by the next one; nothing else is") {
+    val dead = { val p = new ProcessBuilder("true").start(); p.waitFor(); p.pid() }
+    assert(!ProcessHandle.of(dead).isPresent)
+    val live = ProcessHandle.current().pid()
+    def uuid = java.util.UUID.randomUUID().toString
+    def file(dir: java.nio.file.Path, name: String, ageMs: Long): String = {
+      val p = Files.createFile(dir.resolve(name))
+      Files.setLastModifiedTime(p, java.nio.file.attribute.FileTime.fromMillis(System.currentTimeMillis() - ageMs))
+      name
+    }
+    def names(dir: java.nio.file.Path) = Files.list(dir).iterator().asScala.map(_.getFileName.toString).toSeq.sorted
+    val old = SharedFiles.StaleAfterMs + 5000
+    val dir = Files.createTempDirectory("ferry-shm-sweep")
+    val other = Files.createTempDirectory("ferry-shm-sweep")
+    try {
+      val debris = Seq(file(dir, s"ferry-$dead-$uuid-in", old), file(dir, s"ferry-$dead-$uuid-out", old))
+      val kept = Seq(
+        file(dir, s"ferry-$live-$uuid-in", old), // its process is running
+        file(dir, s"ferry-$dead-$uuid-out", 1000), // young: a live client's files have names for one round trip
+        file(dir, s"ferry-$dead-not-a-uuid-in", old), // not a name ferry makes
+        file(dir, "someone-else", old))
+      assert(SharedFiles.sweepStale(dir, System.currentTimeMillis()).sorted == debris.sorted)
+      assert(names(dir) == kept.sorted)
+      // The first files a JVM makes in a directory sweep it.
+      val left = file(other, s"ferry-$dead-$uuid-out", old)
+      val made = SharedFiles.create(other, 4096).get
+      try {
+        assert(!names(other).contains(left))
+        assert(names(other).count(_.startsWith(s"ferry-$live-")) == 2, names(other))
+      } finally made.close()
+      assert(names(other).isEmpty)
+    } finally Seq(dir, other).foreach { d =>
+      Files.list(d).iterator().asScala.foreach(Files.delete(_))
+      Files.delete(d)
+    }
+  }
+
   test("bad settings are refused with the key's name") {
     val e = intercept[IllegalArgumentException](FerryConf.fromMap(Map(FerryConf.SharedMemoryBytes -> "2g")))
     assert(e.getMessage.contains(FerryConf.SharedMemoryBytes) && e.getMessage.contains("between 0 (off) and 1g"))
