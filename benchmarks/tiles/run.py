@@ -501,7 +501,8 @@ def main() -> None:
 
 LABELS = {"floor": "numpy/scipy on the whole image (floor)", "core": "ferry in-process (iter_reconstruct)",
           "pyspark": "ferry via PySpark (TileReconstruct)",
-          "pyspark_udf": "ferry via PySpark, tiles drawn in a UDF (the seed's pull_input_tile)", "scala": "ferry via Scala (ferry.TileReconstruct)", "seed_naive": "seed: naive",
+          "pyspark_udf": "ferry via PySpark, tiles drawn in a UDF (the seed's pull_input_tile)",
+          "scala": "ferry via Scala (ferry.TileReconstruct)", "seed_naive": "seed: naive",
           "seed_grouped": "seed: grouped read", "seed_partial": "seed: partial reconstructions"}
 
 
