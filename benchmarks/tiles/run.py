@@ -228,7 +228,12 @@ def child_pyspark(a: dict) -> dict:
     res = {"session_s": t_session, **runs[0], "run_seconds": [r["seconds"] for r in runs],
            "warm_s": min((r["seconds"] for r in runs[1:]), default=None),
            "warm_reads": [r["reads"] for r in runs[1:]], "input_partitions": df.rdd.getNumPartitions()}
+    jvm = getattr(spark.sparkContext._gateway, "proc", None)
     spark.stop()
+    if a.get("wait_for_jvm") and jvm is not None:
+        # The JVM dumps its class-data archive as it exits, which it does at EOF on its stdin.
+        jvm.stdin.close()
+        jvm.wait(timeout=300)
     res["outputs"] = write_fingerprints(a["output"], a["fingerprints"])
     return res
 
@@ -252,7 +257,10 @@ def op_args_json(a: dict) -> dict:
     return {"kernel": a["kernel"]} if a["operator"] == "convolve2d" else {}
 
 
-CHILDREN = {"floor": child_floor, "core": child_core, "pyspark": child_pyspark, "pyspark_udf": child_pyspark}
+CHILDREN = {"floor": child_floor, "core": child_core, "pyspark": child_pyspark, "pyspark_udf": child_pyspark,
+            "pyspark_tuned": child_pyspark, "pyspark_archive": child_pyspark}
+#: The README's recipe for short jobs: classes from an archive a first run dumped, and C1 only.
+TUNED_JVM = "-XX:SharedArchiveFile={archive} -XX:TieredStopAtLevel=1"
 
 
 # --- the orchestrator -------------------------------------------------------------------------
@@ -331,6 +339,8 @@ class Bench:
             shutil.rmtree(out, ignore_errors=True)
         if self.args.assembly:
             results.append(self.scala(case, base, conf, spark_strategy))
+        if self.args.tuned_jvm:
+            results += self.tuned(case, base, conf, spark_strategy, str(out))
         ref = json.loads(Path(floor["fingerprints"]).read_text()) if floor.get("fingerprints") else None
         out = "" if output_dtype == "operator" else f", output {output_dtype}"
         core["strategy"] = f"strategy auto{out}"
@@ -355,12 +365,38 @@ class Bench:
                                               "store_bytes": os.path.getsize(store)}
         return store
 
-    def scala(self, case: dict, base: dict, conf: dict, strategy: str) -> dict:
+    def tuned(self, case: dict, base: dict, conf: dict, strategy: str, out: str) -> list[dict]:
+        """Both Spark paths again with the README's JVM options for short jobs (TUNED_JVM), each with
+        a class-data archive that one untimed run of the same path dumped at its exit."""
+        results = []
+        for method in ("pyspark", "scala") if self.args.assembly else ("pyspark",):
+            archive = self.tmp / f"{method}.jsa"
+            if not archive.exists():
+                dump = dict(conf, **{"spark.driver.extraJavaOptions": f"-XX:ArchiveClassesAtExit={archive}"})
+                if method == "pyspark":
+                    self.child("pyspark_archive", dict(base, case=dict(case, store=self.store_of(case)), conf=dump,
+                                                       runs=1, output=out, wait_for_jvm=True))
+                else:
+                    self.scala(case, dict(base, runs=1), dump, strategy, method="scala_archive")
+                shutil.rmtree(out, ignore_errors=True)
+                if not archive.exists():
+                    self.say(f"  no class-data archive from the {method} path: its tuned run is left out")
+                    continue
+            tuned = dict(conf, **{"spark.driver.extraJavaOptions": TUNED_JVM.format(archive=archive)})
+            if method == "pyspark":
+                results.append(self.child("pyspark_tuned", dict(base, case=dict(case, store=self.store_of(case)),
+                                                                conf=tuned, output=out)))
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                results.append(self.scala(case, base, tuned, strategy, method="scala_tuned"))
+        return results
+
+    def scala(self, case: dict, base: dict, conf: dict, strategy: str, method: str = "scala") -> dict:
         """ferry.TileReconstruct via spark-submit (ferry.examples.TileDemo) over the case's tile store."""
         import pyspark
         store = self.store_of(case)
-        out = self.tmp / "out" / f"{case['name']}-{base['operator']}-scala"
-        tag = f"scala-{case['name']}-{base['operator']}"
+        out = self.tmp / "out" / f"{case['name']}-{base['operator']}-{method}"
+        tag = f"{method}-{case['name']}-{base['operator']}"
         settings = [x for k, v in conf.items() if k.startswith("spark.") and k != "spark.driver.memory"
                     for x in ("--conf", f"{k}={v}")]
         cmd = [os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit"), "--master", "local[2]",
@@ -373,7 +409,7 @@ class Bench:
                "--operator", base["operator"], "--operator-params", json.dumps(op_args_json(base)),
                "--strategy", strategy, "--output-dtype", base["output_dtype"], "--runs", str(base["runs"])]
         proc, log = self.run(cmd, tag)
-        res = {"method": "scala", **proc}
+        res = {"method": method, **proc}
         runs = [json.loads(l.split(" ", 1)[1]) for l in log.read_text(errors="replace").splitlines()
                 if l.startswith("FERRY_TILES_RESULT")]
         if len(runs) == base["runs"]:
@@ -436,6 +472,11 @@ def main() -> None:
     p.add_argument("--threshold-sum-dtype", default="int32",
                    help="output_dtype of ferry's threshold_sum runs (default int32: the int16 sums' exact values in "
                         "half of int64's bytes; 'operator' for the seed's int64)")
+    p.add_argument("--tuned-jvm", action="store_true",
+                   help="also run each Spark path with a class-data archive and C1 only (the README's advice for "
+                        "short jobs; the archive is dumped by one untimed run of the path first)")
+    p.add_argument("--results-name", default="tiles",
+                   help="names of the results files under benchmarks/results (default tiles: tiles.json, tiles.md)")
     p.add_argument("--note", default="", help="a line for the report")
     p.add_argument("--from-json", help="re-render the Markdown from a results JSON")
     args = p.parse_args()
@@ -449,7 +490,7 @@ def main() -> None:
         if args.note:
             data["settings"]["note"] = args.note
             Path(args.from_json).write_text(json.dumps(data, indent=1))
-        (RESULTS / "tiles.md").write_text(render(data))
+        (RESULTS / f"{args.results_name}.md").write_text(render(data))
         return
     bench = Bench(args)
     seed_size, seed_tile, large_size, large_tile = (600, 200, 2000, 100) if args.quick else (6000, 2000, 20000, 1000)
@@ -491,10 +532,10 @@ def main() -> None:
     data["machine"]["load_at_end"] = list(os.getloadavg())
     data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tiles.json").write_text(json.dumps(data, indent=1))
-    (RESULTS / "tiles.md").write_text(render(data))
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(data, indent=1))
+    (RESULTS / f"{args.results_name}.md").write_text(render(data))
     shutil.rmtree(bench.tmp, ignore_errors=True)
-    bench.say(f"wrote {RESULTS / 'tiles.md'}")
+    bench.say(f"wrote {RESULTS / (args.results_name + '.md')}")
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -502,7 +543,9 @@ def main() -> None:
 LABELS = {"floor": "numpy/scipy on the whole image (floor)", "core": "ferry in-process (iter_reconstruct)",
           "pyspark": "ferry via PySpark (TileReconstruct)",
           "pyspark_udf": "ferry via PySpark, tiles drawn in a UDF (the seed's pull_input_tile)",
-          "scala": "ferry via Scala (ferry.TileReconstruct)", "seed_naive": "seed: naive",
+          "scala": "ferry via Scala (ferry.TileReconstruct)",
+          "pyspark_tuned": "ferry via PySpark, JVM with a class-data archive and C1 only",
+          "scala_tuned": "ferry via Scala, JVM with a class-data archive and C1 only", "seed_naive": "seed: naive",
           "seed_grouped": "seed: grouped read", "seed_partial": "seed: partial reconstructions"}
 
 
@@ -587,7 +630,8 @@ def render(data: dict) -> str:
             lines.append("")
             n_sources = (c["size"] // c["tile"]) ** 2 * len(c["images"])
             for r in rs:
-                if r["method"] in ("core", "pyspark", "pyspark_udf", "scala") and "seconds" in r:
+                if r["method"] in ("core", "pyspark", "pyspark_udf", "scala", "pyspark_tuned", "scala_tuned") \
+                        and "seconds" in r:
                     reads = [r.get("reads")] + r.get("warm_reads", [])
                     later = f" (later runs: {', '.join(map(str, reads[1:]))})" if len(reads) > 1 else ""
                     targets.append((f"{c['name']}/{op}: {LABELS[r['method']]} reads = source tiles, every run",
