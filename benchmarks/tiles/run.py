@@ -331,7 +331,7 @@ class Bench:
         out = self.tmp / "out" / f"{case['name']}-{operator}"
         # Both Spark paths read the same tile store, as a user's job does; the seed case's tiles
         # drawn inside the job (its pull_input_tile as a UDF) are a row of their own.
-        spark = self.child("pyspark", dict(base, case=dict(case, store=self.store_of(case)), output=str(out)))
+        spark = self.child("pyspark", self.on_store(base, case, str(out)))
         shutil.rmtree(out, ignore_errors=True)
         results = [floor, core, spark]
         if not case.get("store"):
@@ -365,6 +365,10 @@ class Bench:
                                               "store_bytes": os.path.getsize(store)}
         return store
 
+    def on_store(self, base: dict, case: dict, out: str, **extra) -> dict:
+        """A PySpark child's payload that reads the case's tile store."""
+        return dict(base, case=dict(case, store=self.store_of(case)), output=out, **extra)
+
     def tuned(self, case: dict, base: dict, conf: dict, strategy: str, out: str) -> list[dict]:
         """Both Spark paths again with the README's JVM options for short jobs (TUNED_JVM), each with
         a class-data archive that one untimed run of the same path dumped at its exit."""
@@ -374,8 +378,7 @@ class Bench:
             if not archive.exists():
                 dump = dict(conf, **{"spark.driver.extraJavaOptions": f"-XX:ArchiveClassesAtExit={archive}"})
                 if method == "pyspark":
-                    self.child("pyspark_archive", dict(base, case=dict(case, store=self.store_of(case)), conf=dump,
-                                                       runs=1, output=out, wait_for_jvm=True))
+                    self.child("pyspark_archive", self.on_store(base, case, out, conf=dump, runs=1, wait_for_jvm=True))
                 else:
                     self.scala(case, dict(base, runs=1), dump, strategy, method="scala_archive")
                 shutil.rmtree(out, ignore_errors=True)
@@ -384,8 +387,7 @@ class Bench:
                     continue
             tuned = dict(conf, **{"spark.driver.extraJavaOptions": TUNED_JVM.format(archive=archive)})
             if method == "pyspark":
-                results.append(self.child("pyspark_tuned", dict(base, case=dict(case, store=self.store_of(case)),
-                                                                conf=tuned, output=out)))
+                results.append(self.child("pyspark_tuned", self.on_store(base, case, out, conf=tuned)))
                 shutil.rmtree(out, ignore_errors=True)
             else:
                 results.append(self.scala(case, base, tuned, strategy, method="scala_tuned"))

@@ -132,9 +132,8 @@ private[ferry] object SharedFiles {
 
   /** Two new files of `bytes` each under `dir`, mapped; None when they cannot be made (no room, no tmpfs). */
   def create(dir: Path, bytes: Long): Option[SharedFiles] = {
-    if (!swept.contains(dir)) swept.synchronized {
-      if (swept.add(dir)) sweepStale(dir, System.currentTimeMillis())
-    }
+    // Once per directory; another thread's files made meanwhile are this live process's, never swept.
+    if (swept.add(dir)) sweepStale(dir, System.currentTimeMillis())
     val id = UUID.randomUUID().toString
     val pid = ProcessHandle.current().pid()
     val paths = Seq("in", "out").map(s => dir.resolve(s"ferry-$pid-$id-$s"))
